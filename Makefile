@@ -1,0 +1,36 @@
+# The two commands of the README. Both set themselves up: a missing .venv is
+# created and the project installed with the pinned versions of
+# constraints.txt; a second call reuses the environment.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.reelray-installed
+
+.PHONY: test test-slow demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: an unpinned torch would pull the CUDA build.
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q
+
+demo: $(STAMP)
+	$(BIN)/reelray make-tiny-model demo-model
+	$(BIN)/reelray inspect demo-model/wan2.1-t2v-tiny-Q8_0.gguf
+	$(BIN)/reelray run examples/manifest.parquet --model demo-model --out demo-out --actors 2
+
+bench: $(STAMP)
+	$(BIN)/python bench/dequant.py
+	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf demo-out demo-model .pytest_cache .hypothesis
