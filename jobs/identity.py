@@ -1,0 +1,154 @@
+"""Job identity: content digests that name jobs, their files, and model sets.
+
+A job id is the sha256 of the canonical JSON of everything that decides a
+job's frames: the model set's digest, the prompt, the negative prompt, the seed
+and every render parameter, tagged with a schema version (`JOB_SCHEMA`) so that
+a future change of the recipe cannot collide with today's ids. Canonical JSON:
+sorted keys, no whitespace, UTF-8 without ASCII escaping, floats written by
+Python's shortest round-trip `repr`. Parameters go through `RenderParams`
+first, so `guidance=5` and `guidance=5.0` are the same job.
+
+File names come only from job ids (64 lowercase hex digits), never from
+prompts: `video_relpath` refuses anything else.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from jobs.params import RenderParams
+
+JOB_SCHEMA = "reelray.job/1"
+MODEL_SCHEMA = "reelray.model/1"
+SEED_MAX = 2**63 - 1  # seeds are stored as int64 in the output dataset
+
+_JOB_ID = re.compile(r"[0-9a-f]{64}")
+_CHUNK = 8 * 1024 * 1024
+
+
+def canonical_json(obj: Any, *, allow_nan: bool = False) -> bytes:
+    """Sorted keys, no whitespace, UTF-8 (no ASCII escaping)."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan
+    ).encode("utf-8")
+
+
+# The string encoder json.dumps uses with ensure_ascii=False (C implementation).
+_json_str = json.encoder.encode_basestring
+
+
+@functools.lru_cache(maxsize=4096)
+def _params_json(params: RenderParams) -> str:
+    # RenderParams is frozen and hashable; a manifest has few distinct ones.
+    return canonical_json(params.model_dump()).decode("utf-8")
+
+
+def job_payload(
+    model_digest: str, prompt: str, negative_prompt: str, seed: int, params: RenderParams
+) -> dict[str, Any]:
+    """The canonical job as a dict; `job_digest` hashes `canonical_json` of it."""
+    return {
+        "schema": JOB_SCHEMA,
+        "model_digest": model_digest,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "params": params.model_dump(),
+    }
+
+
+def job_digest(
+    model_digest: str, prompt: str, negative_prompt: str, seed: int, params: RenderParams
+) -> bytes:
+    """The 32-byte sha256 behind `job_id`."""
+    if not isinstance(model_digest, str) or not model_digest:
+        raise ValueError(f"model_digest must be a non-empty string, got {model_digest!r:.80}")
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise ValueError("prompt and negative_prompt must be strings")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an integer in 0..2**63-1, got {seed!r:.80}")
+    if not isinstance(params, RenderParams):
+        raise ValueError(f"params must be a RenderParams, got {type(params).__name__}")
+    # canonical_json(job_payload(...)) spelled out with its keys in sorted order:
+    # a manifest hashes millions of jobs, and this skips the generic encoder.
+    # tests/test_identity.py holds the two byte-identical.
+    text = (
+        '{"model_digest":' + _json_str(model_digest)
+        + ',"negative_prompt":' + _json_str(negative_prompt)
+        + ',"params":' + _params_json(params)
+        + ',"prompt":' + _json_str(prompt)
+        + ',"schema":"' + JOB_SCHEMA
+        + '","seed":' + str(int(seed)) + "}"
+    )
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def job_id(model_digest: str, prompt: str, negative_prompt: str, seed: int, params: RenderParams) -> str:
+    """sha256 hex (64 lowercase digits) of the canonical job; see the module docstring."""
+    return job_digest(model_digest, prompt, negative_prompt, seed, params).hex()
+
+
+def check_job_id(value: Any) -> str:
+    """`value` if it is a job id (64 lowercase hex digits), else ValueError."""
+    if not isinstance(value, str) or _JOB_ID.fullmatch(value) is None:
+        raise ValueError(f"not a job id (64 lowercase hex digits): {value!r:.80}")
+    return value
+
+
+def video_relpath(job_id: str) -> str:
+    """Where a job's MP4 lives under the output root: two-hex-digit fan-out keeps folders small."""
+    check_job_id(job_id)
+    return f"videos/{job_id[:2]}/{job_id}.mp4"
+
+
+def sidecar_relpath(job_id: str) -> str:
+    """The job's sidecar JSON (its commit marker), next to the MP4."""
+    check_job_id(job_id)
+    return f"videos/{job_id[:2]}/{job_id}.json"
+
+
+_file_digests: dict[tuple[str, int, int], str] = {}
+_file_digests_lock = threading.Lock()
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 hex of a file's bytes, read in 8 MB chunks.
+
+    Cached in-process by (real path, size, mtime_ns): a 10 GB model file is
+    hashed once per process, and a rewritten file (new size or mtime) is hashed again.
+    """
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns)
+    with _file_digests_lock:
+        cached = _file_digests.get(key)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(real, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    digest = h.hexdigest()
+    with _file_digests_lock:
+        _file_digests[key] = digest
+    return digest
+
+
+def model_digest(paths: Mapping[str, str | os.PathLike[str]]) -> str:
+    """sha256 hex over the sorted (role, file digest) pairs of a model set.
+
+    Roles ("dit", "text_encoder", "vae", ...) are part of the digest, so swapping
+    two files between roles gives another model; file names and locations are not.
+    """
+    if not paths:
+        raise ValueError("model_digest needs at least one file")
+    pairs = sorted((str(role), file_digest(path)) for role, path in paths.items())
+    return hashlib.sha256(canonical_json({"schema": MODEL_SCHEMA, "files": pairs})).hexdigest()

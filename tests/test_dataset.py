@@ -1,0 +1,188 @@
+"""The output dataset: schema, rows, sidecars and what counts as done."""
+import json
+import math
+from datetime import datetime, timedelta, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.dataset import (
+    OUTPUT_SCHEMA,
+    SidecarError,
+    done_job_ids,
+    make_row,
+    parse_sidecar,
+    rows_from_sidecars,
+    rows_to_table,
+    sidecar_bytes,
+)
+from jobs.identity import sidecar_relpath, video_relpath
+from jobs.manifest import RenderJob
+from jobs.params import DEFAULT_NEGATIVE_PROMPT, RenderParams
+
+MODEL = "cd" * 32
+PARAMS = RenderParams(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
+T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+
+
+def job(prompt="a red fox", seed=0, row=0, **passthrough):
+    return RenderJob.create(
+        model_digest=MODEL, prompt=prompt, seed=seed, params=PARAMS, row=row, passthrough=passthrough
+    )
+
+
+def done_row(j, **kw):
+    args = dict(
+        status="done", attempts=1, frames_sha256="f" * 64, video_sha256="e" * 64, video_bytes=12345, started_at=T0,
+        finished_at=T0 + timedelta(seconds=2.5), render_s=2.0, encode_s=0.25, total_s=2.5,
+        node="node-1", actor="actor-0", software={"torch": "2.13.0", "reelray": "0.1.0"},
+    )
+    return make_row(j, **(args | kw))
+
+
+def failed_row(j, **kw):
+    return make_row(j, **(dict(status="failed", attempts=3, error="CUDA out of memory", started_at=T0) | kw))
+
+
+def test_schema_columns_and_types():
+    assert OUTPUT_SCHEMA.names == [
+        "job_id", "file_name", "prompt", "negative_prompt", "seed", "width", "height", "frames", "steps",
+        "guidance", "shift", "fps", "sampler", "model_digest", "status", "error", "attempts", "frames_sha256",
+        "video_sha256", "video_bytes", "started_at", "finished_at", "render_s", "encode_s", "total_s", "node", "actor",
+        "software", "row",
+    ]
+    types = {f.name: f.type for f in OUTPUT_SCHEMA}
+    assert types["seed"] == pa.int64() and types["row"] == pa.int64() and types["attempts"] == pa.int32()
+    assert types["started_at"] == pa.timestamp("us", tz="UTC") == types["finished_at"]
+    assert types["total_s"] == pa.float64() and types["guidance"] == pa.float64()
+    assert not OUTPUT_SCHEMA.field("job_id").nullable and OUTPUT_SCHEMA.field("error").nullable
+
+
+def test_make_row_fills_job_fields_and_file_name():
+    j = job(seed=42, row=7, split="train")
+    row = done_row(j)
+    assert row["file_name"] == video_relpath(j.job_id) == f"videos/{j.job_id[:2]}/{j.job_id}.mp4"
+    assert (row["seed"], row["row"], row["width"], row["steps"], row["sampler"]) == (42, 7, 64, 4, "unipc")
+    assert row["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT
+    assert row["model_digest"] == MODEL and row["split"] == "train" and row["video_bytes"] == 12345
+    assert done_row(j, model_digest=MODEL) == row  # a redundant model_digest that agrees is fine
+    assert json.loads(row["software"]) == {"torch": "2.13.0", "reelray": "0.1.0"}
+    assert list(row)[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(status="ok"), "status must be one of"),
+        (dict(status="done", video_sha256=None), "a done row needs"),
+        (dict(status="done", error="boom"), "a done row needs"),
+        (dict(status="failed", error=None, frames_sha256=None, video_sha256=None), "a failed row needs its error"),
+        (dict(attempts=-1), "attempts must be"),
+        (dict(attempts=True), "attempts must be"),
+        (dict(started_at=datetime(2025, 1, 1)), "started_at must be a timezone-aware datetime"),
+        (dict(render_s=float("nan")), "render_s must be a finite number"),
+        (dict(total_s=-1.0), "total_s must be a finite number"),
+        (dict(video_bytes=-1), "video_bytes must be an integer >= 0"),
+        (dict(model_digest="ef" * 32), "is not the job's"),
+    ],
+)
+def test_make_row_refuses_inconsistent_outcomes(kwargs, message):
+    with pytest.raises(ValueError) as exc:
+        done_row(job(), **kwargs)
+    assert message in str(exc.value)
+
+
+def test_rows_to_table_appends_passthrough_columns_with_inferred_types(tmp_path):
+    rows = [
+        done_row(job("a", 0, 0, score=0.5, n=3, tags=["x", "y"], meta={"k": 1}, when="2024-01-01T00:00:00")),
+        failed_row(job("b", 1, 1, score=None, n=4, tags=[], meta={"k": 2}, when=None)),
+    ]
+    table = rows_to_table(rows)
+    assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    assert table.schema.names[len(OUTPUT_SCHEMA):] == ["score", "n", "tags", "meta", "when"]
+    assert table.schema.field("score").type == pa.float64()
+    assert table.schema.field("n").type == pa.int64()
+    assert table.schema.field("tags").type == pa.list_(pa.string())
+    assert table.schema.field("meta").type == pa.struct([("k", pa.int64())])
+    assert table.column("status").to_pylist() == ["done", "failed"]
+    assert table.column("error").to_pylist() == [None, "CUDA out of memory"]
+    assert table.column("finished_at").to_pylist()[0] == T0 + timedelta(seconds=2.5)
+    # written and read back as a user would
+    (tmp_path / "metadata").mkdir()
+    pq.write_table(table, tmp_path / "metadata" / "part-0.parquet")
+    back = pq.read_table(tmp_path / "metadata")
+    assert back.num_rows == 2 and back.column("n").to_pylist() == [3, 4]
+    assert back.schema.field("started_at").type == pa.timestamp("us", tz="UTC")
+
+
+def test_passthrough_values_of_disagreeing_types_become_json_text():
+    rows = [done_row(job("a", 0, 0, x=1)), done_row(job("b", 0, 1, x="one")), done_row(job("c", 0, 2))]
+    table = rows_to_table(rows)
+    assert table.schema.field("x").type == pa.string()
+    assert table.column("x").to_pylist() == ["1", '"one"', None]
+
+
+def test_empty_rows_give_an_empty_table_with_the_schema():
+    table = rows_to_table([])
+    assert table.num_rows == 0 and table.schema.names == OUTPUT_SCHEMA.names
+
+
+def test_sidecar_round_trips_a_row_byte_for_byte(tmp_path):
+    row = done_row(job("a ünïcode prompt ✓ \"quoted\"", 5, 3, score=float("nan"), tags=[1, 2]))
+    data = sidecar_bytes(row)
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    assert sidecar_bytes(dict(reversed(list(row.items())))) == data  # canonical: key order does not matter
+    assert "ünïcode".encode() in data  # UTF-8, not \u escapes
+    back = parse_sidecar(data, sidecar_relpath(row["job_id"]))
+    assert math.isnan(back.pop("score")) and math.isnan(row.pop("score"))
+    assert back == row
+    assert back["started_at"] == T0 and back["started_at"].tzinfo is not None
+
+
+def test_bad_sidecars_raise_sidecar_error_naming_the_path():
+    row = done_row(job())
+    good = sidecar_bytes(row)
+    path = "out/" + sidecar_relpath(row["job_id"])
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+        "not utf-8": b"\xff\xfe{}",
+        "a list": b"[]\n",
+        "missing key": sidecar_bytes({k: v for k, v in row.items()} | {"seed": 1})
+        .replace(b'"seed":1,', b""),
+        "wrong type": good.replace(b'"seed":0', b'"seed":"0"'),
+        "null status": good.replace(b'"status":"done"', b'"status":null'),
+        "bad status": good.replace(b'"status":"done"', b'"status":"maybe"'),
+        "naive time": good.replace(b"+00:00", b""),
+    }
+    for what, data in cases.items():
+        with pytest.raises(SidecarError) as exc:
+            parse_sidecar(data, path)
+        assert str(exc.value).startswith(f"{path}: bad sidecar: "), what
+        assert exc.value.path == path
+    other = job("another prompt")
+    with pytest.raises(SidecarError) as exc:
+        parse_sidecar(good, sidecar_relpath(other.job_id))
+    assert "not the job its name says" in str(exc.value)
+
+
+def test_rows_from_sidecars_separates_good_and_bad():
+    a, b, c = (done_row(job(p)) for p in ("a", "b", "c"))
+    items = [
+        ("x/a.json", sidecar_bytes(a)),
+        ("x/b.json", sidecar_bytes(b)[:-10]),
+        ("x/c.json", sidecar_bytes(c)),
+        ("x/d.json", b"{}"),
+    ]
+    rows, bad = rows_from_sidecars(items)
+    assert [r["job_id"] for r in rows] == [a["job_id"], c["job_id"]]
+    assert bad == ["x/b.json", "x/d.json"]
+
+
+def test_done_job_ids_counts_only_done_rows():
+    rows = [done_row(job("a")), failed_row(job("b")), done_row(job("c"))]
+    expected = {rows[0]["job_id"], rows[2]["job_id"]}
+    assert done_job_ids(rows) == expected
+    assert done_job_ids(rows_to_table(rows)) == expected
+    assert done_job_ids([]) == set()

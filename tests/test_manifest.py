@@ -1,0 +1,463 @@
+"""Manifests: sources, validation with row numbers, sweeps, duplicates, passthrough, bounded memory."""
+import datetime as dt
+import decimal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobs.identity import job_id, video_relpath
+from jobs.manifest import (
+    MAX_SEED_COUNT,
+    ManifestError,
+    RenderJob,
+    RowError,
+    load_jobs,
+    parse_seed_range,
+    read_manifest,
+    validate_manifest,
+)
+from jobs.params import DEFAULT_NEGATIVE_PROMPT, WAN21_T2V_DEFAULTS, RenderParams
+
+MODEL = "9f" * 32
+TINY = RenderParams(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path, columns, **kw):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, **kw)
+    return str(path)
+
+
+def read(source, defaults=TINY, **kw):
+    """All jobs and errors of a source."""
+    jobs, errors = [], []
+    for batch in read_manifest(source, model_digest=MODEL, defaults=defaults, **kw):
+        jobs.extend(batch.jobs)
+        errors.extend(batch.errors)
+    return jobs, errors
+
+
+def test_rows_become_jobs_with_defaults_overrides_and_ids(tmp_path):
+    src = write(
+        tmp_path / "m.parquet",
+        {
+            "prompt": ["a red fox", "a blue whale", "a green frog"],
+            "negative_prompt": [None, "blurry", "   "],
+            "steps": pa.array([None, 8, None], pa.int64()),
+            "guidance": pa.array([None, None, 7], pa.int32()),
+        },
+    )
+    jobs, errors = read(src)
+    assert errors == []
+    assert [(j.prompt, j.row, j.seed) for j in jobs] == [("a red fox", 0, 0), ("a blue whale", 1, 0), ("a green frog", 2, 0)]
+    assert [j.negative_prompt for j in jobs] == [DEFAULT_NEGATIVE_PROMPT, "blurry", DEFAULT_NEGATIVE_PROMPT]
+    assert [j.params.steps for j in jobs] == [4, 8, 4]
+    assert [j.params.guidance for j in jobs] == [5.0, 5.0, 7.0]
+    assert jobs[1].params == TINY.override(steps=8)
+    for j in jobs:
+        assert j.job_id == job_id(MODEL, j.prompt, j.negative_prompt, j.seed, j.params)
+        assert j.model_digest == MODEL and j.passthrough == {}
+        RenderJob.model_validate(j.model_dump())  # the fast construction path built a valid job
+    # other defaults give other jobs
+    wan_jobs, _ = read(src, defaults=WAN21_T2V_DEFAULTS)
+    assert [j.params.width for j in wan_jobs] == [832, 832, 832]
+    assert {j.job_id for j in wan_jobs}.isdisjoint(j.job_id for j in jobs)
+
+
+def test_seed_columns_and_sweeps_expand_in_order(tmp_path):
+    src = write(
+        tmp_path / "m.parquet",
+        {
+            "prompt": ["p0", "p1", "p2", "p3"],
+            "seed": pa.array([11, None, None, None], pa.int64()),
+            "seeds": pa.array([None, [5, 3, 5, 9], None, None], pa.list_(pa.int64())),
+            "seed_start": pa.array([None, None, 100, None], pa.int64()),
+            "seed_count": pa.array([None, None, 3, None], pa.int64()),
+        },
+    )
+    jobs, errors = read(src, seeds=parse_seed_range("0-1,7"))
+    assert errors == []
+    assert [(j.row, j.seed) for j in jobs] == [
+        (0, 11), (1, 5), (1, 3), (1, 9), (2, 100), (2, 101), (2, 102), (3, 0), (3, 1), (3, 7),
+    ]
+    again, _ = read(src, seeds=[0, 1, 7], batch_rows=2)
+    assert [j.job_id for j in again] == [j.job_id for j in jobs]
+    # without a seeds argument a row giving no seed gets seed 0
+    no_arg, _ = read(src)
+    assert [(j.row, j.seed) for j in no_arg][-1] == (3, 0)
+
+
+def test_duplicate_jobs_are_yielded_once_keeping_the_first_row(tmp_path):
+    src = write(
+        tmp_path / "m.parquet",
+        {"prompt": ["cat", "dog", "cat", "cat"], "seed": pa.array([1, 1, 1, 2], pa.int64()), "tag": ["a", "b", "c", "d"]},
+    )
+    batches = list(read_manifest(src, model_digest=MODEL, defaults=TINY))
+    jobs = [j for b in batches for j in b.jobs]
+    assert [(j.row, j.passthrough["tag"]) for j in jobs] == [(0, "a"), (1, "b"), (3, "d")]
+    assert sum(b.duplicates for b in batches) == 1
+    report = validate_manifest(src, model_digest=MODEL, defaults=TINY)
+    assert (report.n_rows, report.n_jobs, report.n_duplicates, report.n_errors) == (4, 3, 1, 0)
+
+
+def test_load_jobs_gathers_every_batch(tmp_path):
+    src = write(tmp_path / "m.parquet", {"prompt": ["a", "", "c", "a"], "seed_count": pa.array([2, 1, 1, 2]),
+                                         "seed_start": pa.array([0, 0, 5, 0])})
+    jobs, errors, n_rows = load_jobs(src, model_digest=MODEL, defaults=TINY, batch_rows=1)
+    assert [(j.row, j.seed) for j in jobs] == [(0, 0), (0, 1), (2, 5)]
+    assert [str(e) for e in errors] == ["row 1: prompt: must not be empty"] and n_rows == 4
+
+
+def test_long_sweeps_are_split_into_bounded_batches(tmp_path):
+    src = write(
+        tmp_path / "m.parquet",
+        {"prompt": ["a", "b", "c"], "seed_start": pa.array([0, 0, None]), "seed_count": pa.array([5, 2, None])},
+    )
+    batches = list(read_manifest(src, model_digest=MODEL, defaults=TINY, batch_rows=2))
+    # record batches of 2 rows: rows 0-1 give 5 + 2 jobs (flushed 2 at a time), row 2 gives 1
+    assert [len(b.jobs) for b in batches] == [2, 2, 2, 1, 1]
+    assert [b.rows_read for b in batches] == [0, 0, 1, 2, 3]
+    assert [j.seed for b in batches for j in b.jobs] == [0, 1, 2, 3, 4, 0, 1, 0]
+
+
+# One bad value per case, in row 1 (row 0 is good), or as listed. Column types
+# are the Parquet types a user's writer would produce.
+BAD_ROWS = [
+    ({"prompt": ["ok", None]}, ["row 1: prompt: is missing (null)"]),
+    ({"prompt": ["ok", " \t\n"]}, ["row 1: prompt: must not be empty"]),
+    ({"prompt": pa.array([7, 8])}, ["row 0: prompt: must be a string, got 7", "row 1: prompt: must be a string, got 8"]),
+    ({"prompt": pa.array([b"ok", b"x"])}, ["row 0: prompt: must be a string, got bytes b'ok'", "row 1: prompt: must be a string, got bytes b'x'"]),
+    ({"negative_prompt": pa.array([None, 3])}, ["row 1: negative_prompt: must be a string, got 3"]),
+    ({"steps": pa.array(["4", "x"])}, ["row 0: steps: must be an integer, got str '4'", "row 1: steps: must be an integer, got str 'x'"]),
+    ({"steps": pa.array([4, -3])}, ["row 1: steps: must be an integer in 1..1000, got -3"]),
+    ({"steps": pa.array([4, 0])}, ["row 1: steps: must be an integer in 1..1000, got 0"]),
+    ({"steps": pa.array([4.0, float("nan")])}, ["row 1: steps: must be an integer, got nan"]),
+    ({"steps": pa.array([4.0, float("inf")])}, ["row 1: steps: must be an integer, got inf"]),
+    ({"steps": pa.array([4.0, 50.5])}, ["row 1: steps: must be an integer, got 50.5"]),
+    ({"steps": pa.array([None, True])}, ["row 1: steps: must be an integer, got bool True"]),
+    ({"steps": pa.array([[4], [5]])}, ["row 0: steps: must be an integer, got list [4]", "row 1: steps: must be an integer, got list [5]"]),
+    ({"guidance": pa.array([1.0, -0.5])}, ["row 1: guidance: must be >= 0, got -0.5"]),
+    ({"guidance": pa.array([1.0, float("-inf")])}, ["row 1: guidance: must be a finite number, got -inf"]),
+    ({"shift": pa.array([1.0, 0.0])}, ["row 1: shift: must be > 0, got 0.0"]),
+    ({"width": pa.array([64, 100])}, ["row 1: width: must be a multiple of 16 in 16..4096, got 100"]),
+    ({"height": pa.array([64, 8192])}, ["row 1: height: must be a multiple of 16 in 16..4096, got 8192"]),
+    ({"frames": pa.array([9, 80])}, ["row 1: frames: must be 4k+1 (1, 5, 9, ..., 81, ...) in 1..1001, got 80"]),
+    ({"fps": pa.array([16, 0])}, ["row 1: fps: must be an integer in 1..240, got 0"]),
+    ({"sampler": pa.array(["euler", "ddim"])}, ["row 1: sampler: must be one of 'unipc', 'euler', got str 'ddim'"]),
+    ({"seed": pa.array([1, -1])}, ["row 1: seed: must be an integer in 0..2**63-1, got -1"]),
+    ({"seed": pa.array([1, 2**64 - 1], pa.uint64())}, ["row 1: seed: must be an integer in 0..2**63-1, got 18446744073709551615"]),
+    ({"seed": pa.array([1.0, 1.5])}, ["row 1: seed: must be an integer, got 1.5"]),
+    ({"seed": pa.array([1.0, 1e18])}, ["row 1: seed: a float seed above 2**53 is not exact; store seeds as integers, got 1e+18"]),
+    ({"seed": pa.array([False, True])}, ["row 0: seed: must be an integer, got bool False", "row 1: seed: must be an integer, got bool True"]),
+    ({"seed": pa.array(["1", "2"])}, ["row 0: seed: must be an integer, got str '1'", "row 1: seed: must be an integer, got str '2'"]),
+    ({"seeds": pa.array([[1], [2, -5]])}, ["row 1: seeds: element 1: must be an integer in 0..2**63-1, got -5"]),
+    ({"seeds": pa.array([[1], [2, None]])}, ["row 1: seeds: element 1: must be an integer, got None"]),
+    ({"seeds": pa.array([[1], []], pa.list_(pa.int64()))}, ["row 1: seeds: must not be empty"]),
+    ({"seeds": pa.array(["1", "1,2"])}, ["row 0: seeds: must be a list of integers, got str '1'", "row 1: seeds: must be a list of integers, got str '1,2'"]),
+    ({"seed_start": pa.array([0, 0]), "seed_count": pa.array([1, 0])}, ["row 1: seed_count: must be an integer in 1..100000, got 0"]),
+    ({"seed_start": pa.array([0, 0]), "seed_count": pa.array([1, MAX_SEED_COUNT + 1])}, ["row 1: seed_count: must be an integer in 1..100000, got 100001"]),
+    ({"seed_start": pa.array([0, None]), "seed_count": pa.array([1, 3])}, ["row 1: seed_start: is missing: seed_count needs seed_start"]),
+    ({"seed_start": pa.array([0, 5]), "seed_count": pa.array([1, None])}, ["row 1: seed_count: is missing: seed_start needs seed_count"]),
+    ({"seed_start": pa.array([0, 2**63 - 2]), "seed_count": pa.array([1, 3])}, ["row 1: seed_count: the sweep 9223372036854775806+3 runs past 2**63-1"]),
+    ({"seed": pa.array([1, 2]), "seeds": pa.array([None, [3]])}, ["row 1: seed: give one of seed, seeds, seed_start+seed_count; this row gives seed and seeds"]),
+    (
+        {"steps": pa.array([4, -1]), "width": pa.array([64, 65]), "seed": pa.array([0, -2])},
+        ["row 1: width: must be a multiple of 16 in 16..4096, got 65", "row 1: steps: must be an integer in 1..1000, got -1",
+         "row 1: seed: must be an integer in 0..2**63-1, got -2"],
+    ),
+]
+
+
+@pytest.mark.parametrize("columns, expected", BAD_ROWS, ids=[str(i) for i in range(len(BAD_ROWS))])
+def test_every_bad_field_is_a_row_error_with_row_and_field(tmp_path, columns, expected):
+    columns = {"prompt": ["first prompt", "second prompt"]} | columns
+    src = write(tmp_path / "m.parquet", columns)
+    jobs, errors = read(src)
+    assert [str(e) for e in errors] == expected
+    bad_rows = {e.row for e in errors}
+    assert [j.row for j in jobs] == [r for r in (0, 1) if r not in bad_rows]
+    report = validate_manifest(src, model_digest=MODEL, defaults=TINY)
+    assert [str(e) for e in report.errors] == expected and report.n_bad_rows == len(bad_rows)
+
+
+def test_row_numbers_are_global_across_files_in_sorted_order(tmp_path):
+    write(tmp_path / "d" / "b.parquet", {"prompt": ["b0", "", "b2", "b3", "b4"]})
+    write(tmp_path / "d" / "a.parquet", {"prompt": ["a0", "a1", None]})
+    jobs, errors = read(str(tmp_path / "d"))
+    assert [str(e) for e in errors] == ["row 2: prompt: is missing (null)", "row 4: prompt: must not be empty"]
+    assert [(j.row, j.prompt) for j in jobs] == [(0, "a0"), (1, "a1"), (3, "b0"), (5, "b2"), (6, "b3"), (7, "b4")]
+
+
+def test_directory_glob_and_file_uri_sources_agree(tmp_path):
+    root = tmp_path / "data"
+    write(root / "part-1.parquet", {"prompt": ["one", "two"]})
+    write(root / "sub" / "part-2.parquet", {"prompt": ["three"]})
+    write(root / "_temporary" / "part-9.parquet", {"prompt": ["half-written"]})
+    write(root / ".hidden.parquet", {"prompt": ["hidden"]})
+    (root / "_SUCCESS").write_bytes(b"")
+    (root / "notes.txt").write_text("not a manifest")
+
+    def prompts(source):
+        return [j.prompt for j in read(source)[0]]
+
+    assert prompts(str(root)) == ["one", "two", "three"]
+    assert prompts(f"file://{root}") == ["one", "two", "three"]
+    assert prompts(str(root / "*.parquet")) == ["one", "two"]
+    assert prompts(str(root / "**" / "part-*.parquet")) == ["half-written", "one", "two", "three"]
+    assert prompts(f"file://{root}/sub/*.parquet") == ["three"]
+    assert prompts(f"file://{root}/part-1.parquet") == ["one", "two"]
+    assert prompts(str(root / "part-?.parquet")) == ["one", "two"]
+    assert prompts(str(root / ".*.parquet")) == ["hidden"]
+
+
+@pytest.mark.parametrize(
+    "make, source, message",
+    [
+        (lambda d: None, "{d}/missing.parquet", "{d}/missing.parquet: manifest not found"),
+        (lambda d: None, "{d}/*.parquet", "{d}/*.parquet: no files match"),
+        (lambda d: (d / "empty").mkdir(), "{d}/empty", "{d}/empty: no .parquet files in this directory"),
+        (lambda d: (d / "m.parquet").write_text("prompt\na cat\n"), "{d}/m.parquet", "{d}/m.parquet: not a readable Parquet file ("),
+        (lambda d: (d / "m.parquet").write_bytes(b""), "{d}/m.parquet", "{d}/m.parquet: not a readable Parquet file ("),
+        (lambda d: write(d / "m.parquet", {"Prompt": ["x"], "seed": [1]}), "{d}/m.parquet", "{d}/m.parquet: no 'prompt' column (columns: Prompt, seed)"),
+        (lambda d: write(d / "m.parquet", {"prompt": ["x"], "status": ["new"]}), "{d}/m.parquet", "{d}/m.parquet: columns ['status'] are output-dataset columns"),
+        (lambda d: write(d / "m.parquet", {"prompt": ["x"], "blob": [b"\x00"]}), "{d}/m.parquet", "{d}/m.parquet: passthrough column 'blob' has type binary"),
+        (lambda d: None, "nosuch://bucket/m.parquet", "nosuch://bucket/m.parquet: cannot open manifest source ("),
+    ],
+)
+def test_whole_source_problems_raise_one_line_manifest_errors(tmp_path, make, source, message):
+    make(tmp_path)
+    source = source.format(d=tmp_path)
+    with pytest.raises(ManifestError) as exc:
+        read_manifest(source, model_digest=MODEL, defaults=TINY)  # raised before any batch is read
+    text = str(exc.value)
+    assert text.startswith(message.format(d=tmp_path)), text
+    assert "\n" not in text and "Traceback" not in text
+    with pytest.raises(ManifestError):
+        validate_manifest(source, model_digest=MODEL, defaults=TINY)
+
+
+def test_a_bad_file_in_a_directory_is_named_before_any_job(tmp_path):
+    write(tmp_path / "a.parquet", {"prompt": ["fine"]})
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 but not really")
+    with pytest.raises(ManifestError, match=r"b\.parquet: not a readable Parquet file"):
+        read_manifest(str(tmp_path), model_digest=MODEL, defaults=TINY)
+
+
+def test_passthrough_columns_are_kept_as_plain_values(tmp_path):
+    when = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
+    src = write(
+        tmp_path / "m.parquet",
+        {
+            "prompt": ["a", "b"],
+            "split": pa.array(["train", "eval"]).dictionary_encode(),
+            "score": [0.25, None],
+            "n": pa.array([3, 4], pa.int16()),
+            "ok": [True, False],
+            "tags": [["x"], []],
+            "meta": [{"k": 1, "w": "v"}, None],
+            "when": pa.array([when, None], pa.timestamp("us", tz="UTC")),
+            "day": pa.array([dt.date(2024, 1, 2), None]),
+            "price": pa.array([decimal.Decimal("1.50"), None]),
+        },
+    )
+    jobs, errors = read(src)
+    assert errors == []
+    assert jobs[0].passthrough == {
+        "split": "train", "score": 0.25, "n": 3, "ok": True, "tags": ["x"], "meta": {"k": 1, "w": "v"},
+        "when": "2024-05-06T07:08:09+00:00", "day": "2024-01-02", "price": "1.50",
+    }
+    assert jobs[1].passthrough == {
+        "split": "eval", "score": None, "n": 4, "ok": False, "tags": [], "meta": None, "when": None, "day": None, "price": None,
+    }
+
+
+def test_cells_python_cannot_hold_are_row_errors(tmp_path):
+    # timestamp[s] of 3e14 s is far beyond year 9999: pyarrow cannot make a datetime of it
+    far = pa.array([0, 300_000_000_000_000], pa.timestamp("s"))
+    src = write(tmp_path / "m.parquet", {"prompt": ["a", "b"], "when": far, "steps": far})
+    jobs, errors = read(src)
+    assert jobs == []
+    assert [(e.row, e.field) for e in errors] == [(0, "steps"), (1, "steps"), (1, "when")]
+    assert str(errors[0]).startswith("row 0: steps: must be an integer, got datetime")
+    assert str(errors[2]).startswith("row 1: when: cannot be read: ")
+
+
+def test_a_file_corrupted_after_listing_gives_a_manifest_error_naming_it(tmp_path):
+    src = write(tmp_path / "m.parquet", {"prompt": ["a"] * 100})
+    batches = read_manifest(Path(src), model_digest=MODEL, defaults=TINY)
+    Path(src).write_bytes(b"garbage" * 10)
+    with pytest.raises(ManifestError) as exc:
+        list(batches)
+    assert str(exc.value).startswith(f"{src}: cannot read Parquet data (") and "\n" not in str(exc.value)
+
+
+def test_render_job_checks_its_id_and_content():
+    job = RenderJob.create(model_digest=MODEL, prompt="a cat", seed=3, params=TINY, negative_prompt="  ")
+    assert job.negative_prompt == DEFAULT_NEGATIVE_PROMPT
+    assert job.job_id == job_id(MODEL, "a cat", DEFAULT_NEGATIVE_PROMPT, 3, TINY)
+    fields = job.model_dump()
+    assert RenderJob(**fields) == job
+    for change, message in [
+        ({"job_id": "0" * 64}, "does not match the job's content"),
+        ({"seed": 4}, "does not match the job's content"),
+        ({"seed": True}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"prompt": " "}, "prompt must not be empty"),
+        ({"passthrough": {"status": "x"}}, "clash"),
+        ({"passthrough": {"blob": b"x"}}, "not a JSON-able plain value"),
+        ({"extra": 1}, "extra"),
+    ]:
+        with pytest.raises(ValueError) as exc:
+            RenderJob(**(fields | change))
+        assert message in str(exc.value), change
+
+
+def test_prompts_never_become_paths(tmp_path):
+    src = write(tmp_path / "m.parquet", {"prompt": ["../../etc/passwd", "/abs/path", "C:\\win\\x", "a/b"]})
+    jobs, errors = read(src)
+    assert errors == [] and len(jobs) == 4
+    for j in jobs:
+        path = video_relpath(j.job_id)
+        assert path == f"videos/{j.job_id[:2]}/{j.job_id}.mp4" and ".." not in path
+
+
+def test_validate_keeps_the_first_errors_and_counts_all(tmp_path):
+    n = 2500
+    src = write(tmp_path / "m.parquet", {"prompt": ["p"] * n, "steps": pa.array([-1] * n), "fps": pa.array([0] * n)})
+    report = validate_manifest(src, model_digest=MODEL, defaults=TINY, max_errors=1000, batch_rows=512)
+    assert (report.n_rows, report.n_jobs, report.n_bad_rows, report.n_errors) == (2500, 0, 2500, 5000)
+    assert len(report.errors) == 1000 and not report.ok
+    assert str(report.errors[0]) == "row 0: steps: must be an integer in 1..1000, got -1"
+    assert str(report.errors[-1]) == "row 499: fps: must be an integer in 1..240, got 0"
+    assert str(report) == "2500 rows in 1 file(s): 0 jobs (0 duplicates dropped), 2500 bad rows, 5000 errors"
+
+
+def test_read_manifest_refuses_bad_arguments(tmp_path):
+    src = write(tmp_path / "m.parquet", {"prompt": ["p"]})
+    with pytest.raises(ValueError, match="batch_rows"):
+        read_manifest(src, model_digest=MODEL, defaults=TINY, batch_rows=0)
+    with pytest.raises(ValueError, match="model_digest"):
+        read_manifest(src, model_digest="", defaults=TINY)
+    with pytest.raises(ValueError, match="seeds must not be empty"):
+        read_manifest(src, model_digest=MODEL, defaults=TINY, seeds=[])
+    with pytest.raises(ValueError, match="got -1"):
+        read_manifest(src, model_digest=MODEL, defaults=TINY, seeds=[-1])
+
+
+@pytest.mark.parametrize(
+    "text, seeds",
+    [("7", [7]), ("0-3", [0, 1, 2, 3]), ("0-1,20-21", [0, 1, 20, 21]), (" 5 - 6 , 9", [5, 6, 9]),
+     ("0-99999", list(range(100000))), ("9223372036854775807", [2**63 - 1])],
+)
+def test_parse_seed_range(text, seeds):
+    assert parse_seed_range(text) == seeds
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("", "seed range must be like"), ("a", "'a' is not 'N' or 'N-M'"), ("5-3", "5-3 runs backwards"),
+     ("-1", "'-1' is not"), ("1-2-3", "is not"), ("0-4,3", "seed 3 appears twice"), ("0-100000", "more than 100000 seeds"),
+     ("9223372036854775808", "at most 2**63-1"), ("1,,2", "'' is not"), ("٣", "is not")],
+)
+def test_parse_seed_range_refuses(text, message):
+    with pytest.raises(ValueError) as exc:
+        parse_seed_range(text)
+    assert message in str(exc.value)
+
+
+def test_validating_200k_rows_keeps_memory_bounded(tmp_path):
+    # 200k rows of a 1 KiB prompt: reading it whole with to_pylist() peaks ~600 MiB
+    # above the baseline here; the reader holds one row group's Arrow buffers, one
+    # batch of 1000 rows, and the de-duplication set (~100 B a job, ~25 MiB): ~50 MiB.
+    n = 200_000
+    prompt = ("a slow pan over a misty pine forest at dawn, volumetric light " * 17)[:1024]
+    table = pa.table({"prompt": pa.array([prompt]).take(pa.array(np.zeros(n, np.int64))), "seed": np.arange(n)})
+    src = str(tmp_path / "big.parquet")
+    pq.write_table(table, src, row_group_size=20_000)
+    del table
+    # VmHWM: the peak resident set of this process image (ru_maxrss would carry
+    # over the size of the forked pytest parent).
+    code = (
+        "import sys\n"
+        "def peak_mib():\n"
+        "    status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+        "    return int(status.split()[0]) // 1024\n"
+        "from jobs.manifest import validate_manifest\n"
+        "from jobs.params import WAN21_T2V_DEFAULTS\n"
+        "before = peak_mib()\n"
+        "r = validate_manifest(sys.argv[1], model_digest='0' * 64, defaults=WAN21_T2V_DEFAULTS, batch_rows=1000)\n"
+        "print(r.n_rows, r.n_jobs, r.n_errors, peak_mib() - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, cwd=REPO, check=True)
+    n_rows, n_jobs, n_errors, growth_mib = map(int, out.stdout.split())
+    assert (n_rows, n_jobs, n_errors) == (n, n, 0)
+    assert growth_mib < 100, f"peak RSS grew by {growth_mib} MiB while validating"
+
+
+# ------------------------------------------------------------------ random manifests
+
+_WEIRD = ["../../etc/passwd", "\u202eevil\u202c", "😀🎬", "\x00\x1f\x7f", "  ", "", "50", "unipc", "C:\\x", "a" * 300]
+
+
+def _column(kind, n):
+    none = st.none()
+    return {
+        "string": st.lists(st.one_of(none, st.text(max_size=12), st.sampled_from(_WEIRD)), min_size=n, max_size=n)
+        .map(lambda v: pa.array(v, pa.string())),
+        "int": st.lists(st.one_of(none, st.integers(0, 100), st.integers(-(2**63), 2**63 - 1)), min_size=n, max_size=n)
+        .map(lambda v: pa.array(v, pa.int64())),
+        "uint": st.lists(st.one_of(none, st.integers(0, 2**64 - 1)), min_size=n, max_size=n).map(lambda v: pa.array(v, pa.uint64())),
+        "float": st.lists(st.one_of(none, st.sampled_from([4.0, 16.0, 64.0, 9.0]), st.floats()), min_size=n, max_size=n)
+        .map(lambda v: pa.array(v, pa.float64())),
+        "bool": st.lists(st.one_of(none, st.booleans()), min_size=n, max_size=n).map(lambda v: pa.array(v, pa.bool_())),
+        "list": st.lists(st.one_of(none, st.lists(st.one_of(none, st.integers(-5, 2**63 - 1)), max_size=4)), min_size=n, max_size=n)
+        .map(lambda v: pa.array(v, pa.list_(pa.int64()))),
+        "null": st.just(pa.nulls(n)),
+    }[kind]
+
+
+@st.composite
+def manifests(draw):
+    n = draw(st.integers(1, 10))
+    prompt_kind = draw(st.sampled_from(["string"] * 5 + ["int", "null", "list"]))
+    columns = {"prompt": draw(_column(prompt_kind, n))}
+    optional = ["seed", "seeds", "seed_start", "seed_count", "steps", "guidance", "width", "frames", "sampler", "note"]
+    for name in draw(st.lists(st.sampled_from(optional), unique=True, max_size=4)):
+        kind = draw(st.sampled_from(["string", "int", "uint", "float", "bool", "list", "null"]))
+        columns[name] = draw(_column(kind, n))
+    # A unique, never-blank negative prompt per row (random text + row number)
+    # makes every row's jobs distinct, so each row is exactly a job row or an error row.
+    prefixes = draw(st.lists(st.one_of(st.text(max_size=8), st.sampled_from(_WEIRD)), min_size=n, max_size=n))
+    columns["negative_prompt"] = pa.array([f"{p}#{i}" for i, p in enumerate(prefixes)])
+    return n, columns
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(manifest=manifests(), batch_rows=st.sampled_from([1, 3, 1000]))
+def test_random_manifests_never_crash_and_account_for_every_row(tmp_path, manifest, batch_rows):
+    n, columns = manifest
+    src = write(tmp_path / "random.parquet", columns)
+    jobs, errors = read(src, batch_rows=batch_rows)
+    error_rows = {e.row for e in errors}
+    job_rows = {j.row for j in jobs}
+    assert error_rows.isdisjoint(job_rows)
+    assert error_rows | job_rows == set(range(n))
+    for e in errors:
+        assert isinstance(e, RowError) and e.field in set(columns) | {"seed", "seed_start", "seed_count"}
+        assert str(e).startswith(f"row {e.row}: {e.field}: ") and len(str(e)) < 300
+    assert len({j.job_id for j in jobs}) == len(jobs)
+    for j in jobs:
+        assert j.job_id == job_id(MODEL, j.prompt, j.negative_prompt, j.seed, j.params)
+        assert 0 <= j.seed <= 2**63 - 1 and j.prompt.strip()
+    report = validate_manifest(src, model_digest=MODEL, defaults=TINY, batch_rows=batch_rows)
+    assert (report.n_rows, report.n_jobs, report.n_errors) == (n, len(jobs), len(errors))
+    assert list(report.errors) == errors
