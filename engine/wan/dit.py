@@ -1,0 +1,499 @@
+"""The Wan2.1 diffusion transformer (DiT), as wan/modules/model.py defines it.
+
+Module attribute names equal the names of the original checkpoint
+(`blocks.N.self_attn.q.weight`, `head.modulation`, ...), which are also the
+names in the community GGUF files (city96 / QuantStack), so a state dict loads
+without a renaming table. The files carry no hyper-parameters: `infer_config`
+reads them off the tensor shapes (every published Wan model has head dim 128).
+
+Precision follows the official code: the residual stream, the time embedding
+and projection, the modulation tables, the gated residual adds, the head and
+the rotary embedding are float32 (the official `amp.autocast(float32)`
+regions); the linear layers, the attention and the text embedding run in the
+compute dtype (the weights' dtype, e.g. bfloat16). In float32 every cast below
+is a no-op.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES
+
+from engine.gguf.linear import load_gguf_into
+from engine.gguf.reader import GGUFFile
+from engine.gguf.writer import write_gguf
+
+
+class ModelConfigError(ValueError):
+    """A DiT state dict / file whose tensors do not make a Wan model (missing or mis-shaped tensor)."""
+
+
+# --- configuration --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    in_dim: int
+    out_dim: int
+    text_dim: int
+    freq_dim: int = 256
+    text_len: int = 512
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def model_type(self) -> str:
+        """'i2v' for the image-to-video input (16 noise + 4 mask + 16 image channels), else 't2v'."""
+        return "i2v" if self.in_dim == 36 else "t2v"
+
+
+# Published sizes (wan/configs/*.py of Wan2.1 and Wan2.2). The Wan2.2 A14B
+# experts have exactly the shapes of Wan2.1 T2V-14B.
+_SHARED = dict(text_dim=4096, freq_dim=256, text_len=512, patch_size=(1, 2, 2), eps=1e-6)
+WAN_CONFIGS: dict[str, WanConfig] = {
+    "t2v-1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16, **_SHARED),
+    "t2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16, **_SHARED),
+    "i2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16, **_SHARED),
+    "ti2v-5B": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48, **_SHARED),
+    "t2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16, **_SHARED),
+}
+
+HEAD_DIM = 128  # every published Wan DiT
+HEAD_COUNT_KEY = "wan.attention.head_count"  # only tiny test models carry it
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def config_name(cfg: WanConfig) -> str | None:
+    """The first published size equal to `cfg` (T2V-14B for the shape-identical A14B experts), or None."""
+    return next((name for name, known in WAN_CONFIGS.items() if known == cfg), None)
+
+
+def expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a T2V Wan DiT with `cfg` (the original checkpoint layout)."""
+    d, pt, ph, pw = cfg.dim, *cfg.patch_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embedding.weight": (d, cfg.in_dim, pt, ph, pw),
+        "patch_embedding.bias": (d,),
+        "text_embedding.0.weight": (d, cfg.text_dim),
+        "text_embedding.0.bias": (d,),
+        "text_embedding.2.weight": (d, d),
+        "text_embedding.2.bias": (d,),
+        "time_embedding.0.weight": (d, cfg.freq_dim),
+        "time_embedding.0.bias": (d,),
+        "time_embedding.2.weight": (d, d),
+        "time_embedding.2.bias": (d,),
+        "time_projection.1.weight": (6 * d, d),
+        "time_projection.1.bias": (6 * d,),
+    }
+    for i in range(cfg.num_layers):
+        p = f"blocks.{i}."
+        for attn in ("self_attn", "cross_attn"):
+            for proj in ("q", "k", "v", "o"):
+                shapes[f"{p}{attn}.{proj}.weight"] = (d, d)
+                shapes[f"{p}{attn}.{proj}.bias"] = (d,)
+            if cfg.qk_norm:
+                shapes[f"{p}{attn}.norm_q.weight"] = (d,)
+                shapes[f"{p}{attn}.norm_k.weight"] = (d,)
+        if cfg.cross_attn_norm:
+            shapes[f"{p}norm3.weight"] = (d,)
+            shapes[f"{p}norm3.bias"] = (d,)
+        shapes[f"{p}ffn.0.weight"] = (cfg.ffn_dim, d)
+        shapes[f"{p}ffn.0.bias"] = (cfg.ffn_dim,)
+        shapes[f"{p}ffn.2.weight"] = (d, cfg.ffn_dim)
+        shapes[f"{p}ffn.2.bias"] = (d,)
+        shapes[f"{p}modulation"] = (1, 6, d)
+    shapes["head.head.weight"] = (cfg.out_dim * pt * ph * pw, d)
+    shapes["head.head.bias"] = (cfg.out_dim * pt * ph * pw,)
+    shapes["head.modulation"] = (1, 2, d)
+    return shapes
+
+
+def _squeeze_leading(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # A modulation table may be stored [6, dim] instead of [1, 6, dim].
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, Any] | None = None) -> WanConfig:
+    """The `WanConfig` of a DiT state dict, from its tensor shapes (PyTorch order).
+
+    Published files carry no hyper-parameters; the head count is dim // 128
+    unless `metadata` has `wan.attention.head_count` (tiny test models).
+    Checks every tensor the model needs; raises `ModelConfigError` naming the
+    first one missing or mis-shaped.
+    """
+    shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
+
+    def need(name: str, ndim: int) -> tuple[int, ...]:
+        if name not in shapes:
+            raise ModelConfigError(f"tensor {name!r} is missing: not a Wan DiT state dict")
+        if len(shapes[name]) != ndim:
+            raise ModelConfigError(f"tensor {name!r} has shape {list(shapes[name])}, expected {ndim} dimensions")
+        return shapes[name]
+
+    dim, in_dim, *patch = need("patch_embedding.weight", 5)
+    patch_size = tuple(patch)
+    text_dim = need("text_embedding.0.weight", 2)[1]
+    freq_dim = need("time_embedding.0.weight", 2)[1]
+    ffn_dim = need("blocks.0.ffn.0.weight", 2)[0]
+    head_out = need("head.head.weight", 2)[0]
+    if head_out % math.prod(patch_size):
+        raise ModelConfigError(
+            f"tensor 'head.head.weight' has {head_out} rows, not a multiple of the patch volume {patch_size}"
+        )
+    num_layers = 1 + max(int(m.group(1)) for name in shapes if (m := _BLOCK.match(name)))
+
+    head_count = (metadata or {}).get(HEAD_COUNT_KEY)
+    if head_count is not None:
+        num_heads = int(head_count)
+    elif dim % HEAD_DIM == 0:
+        num_heads = dim // HEAD_DIM
+    else:
+        raise ModelConfigError(
+            f"dim {dim} (from 'patch_embedding.weight') is not a multiple of the head dim {HEAD_DIM}, "
+            f"and the metadata has no {HEAD_COUNT_KEY!r}"
+        )
+    if num_heads <= 0 or dim % num_heads or (dim // num_heads) % 2:
+        raise ModelConfigError(f"dim {dim} does not split into {num_heads} heads of an even size")
+
+    cfg = WanConfig(
+        dim=dim, ffn_dim=ffn_dim, num_heads=num_heads, num_layers=num_layers, in_dim=in_dim,
+        out_dim=head_out // math.prod(patch_size), text_dim=text_dim, freq_dim=freq_dim,
+        patch_size=patch_size, eps=1e-6,
+        qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
+        cross_attn_norm="blocks.0.norm3.weight" in shapes,
+    )
+    for name, shape in expected_shapes(cfg).items():
+        if name not in shapes:
+            raise ModelConfigError(f"tensor {name!r} is missing (a Wan DiT with {num_layers} blocks needs it)")
+        if _squeeze_leading(shapes[name]) != _squeeze_leading(shape):
+            raise ModelConfigError(f"tensor {name!r} has shape {list(shapes[name])}, expected {list(shape)}")
+    return cfg
+
+
+# --- embeddings -----------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[B] timesteps -> [B, dim] float32: cos half first, 10000^(-i/half), computed in float64 (official)."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    inv = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t, inv)
+    return torch.cat([angles.cos(), angles.sin()], dim=1).float()
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Head dims given to frames / height / width: d - 4(d//6), 2(d//6), 2(d//6) (44/42/42 for d=128)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0) -> torch.Tensor:
+    """complex64 [f*h*w, 1, head_dim/2]: e^(i * pos * theta^(-2j/n)) per axis, angles in float64 (official)."""
+    f, h, w = grid
+    parts = []
+    for n, axis_dim in zip(grid, rope_axis_dims(head_dim)):
+        inv = 1.0 / torch.pow(theta, torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+        parts.append(torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv))
+    angles = torch.cat([
+        parts[0].view(f, 1, 1, -1).expand(f, h, w, -1),
+        parts[1].view(1, h, 1, -1).expand(f, h, w, -1),
+        parts[2].view(1, 1, w, -1).expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, 1, -1)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x [B, L, heads, d] by freqs [L, 1, d/2] in float32 (a complex multiply)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * freqs).flatten(-2)
+
+
+# --- layers ---------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """WanRMSNorm: over the full dim (all heads), computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)
+
+
+class LayerNorm(nn.Module):
+    """WanLayerNorm: float32; `norm1`, `norm2`, `head.norm` have no weights, `norm3` has."""
+
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool = False):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), (self.dim,), weight, bias, self.eps)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, L, heads, d] q/k/v -> [B, L, dim] projected output."""
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(y.transpose(1, 2).flatten(2))
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(2, heads)
+        k = self.norm_k(self.k(x)).unflatten(2, heads)
+        v = self.v(x).unflatten(2, heads)
+        # RoPE in float32, attention back in the compute dtype (official: rope_apply, then flash attention).
+        q = apply_rope(q, freqs).to(v.dtype)
+        k = apply_rope(k, freqs).to(v.dtype)
+        return self.attend(q, k, v)
+
+
+class WanCrossAttention(WanSelfAttention):
+    """T2V cross-attention: queries from the video tokens, keys/values from the (padded) text context."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(2, heads)
+        k = self.norm_k(self.k(context)).unflatten(2, heads)
+        v = self.v(context).unflatten(2, heads)
+        return self.attend(q, k, v)
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps)
+        self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim] float32 residual stream (updated in place), e [B, 6, dim] float32."""
+        dtype = context.dtype
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)
+        y = self.self_attn(torch.addcmul(shift, self.norm1(x), 1 + scale).to(dtype), freqs)
+        x.addcmul_(y, gate)
+        x.add_(self.cross_attn(self.norm3(x).to(dtype), context))
+        y = self.ffn(torch.addcmul(c_shift, self.norm2(x), 1 + c_scale).to(dtype))
+        x.addcmul_(y, c_gate)
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim] float32, e [B, dim] float32 (the time embedding before projection)."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return _in_own_dtype(self.head, torch.addcmul(shift, self.norm(x), 1 + scale))
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a module computes in: that of its first floating parameter (float32 if it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run an official float32 region: input in the module's dtype (float32 as loaded), output float32."""
+    return module(x.to(_module_dtype(module))).float()
+
+
+# --- the model ------------------------------------------------------------------------
+
+
+def is_float32_param(name: str) -> bool:
+    """Parameters that stay float32 whatever the compute dtype: the official float32 regions
+    (time embedding and projection, modulation tables, head), and the tiny norm3 affine."""
+    return (
+        name.startswith(("time_embedding.", "time_projection.", "head."))
+        or name.endswith("modulation")
+        or ".norm3." in name
+    )
+
+
+class WanModel(nn.Module):
+    """Wan2.1 T2V DiT: forward(x[B,in_dim,F,H,W], t[B], context[B,L,text_dim]) -> velocity [B,out_dim,F,H,W]."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        if cfg.model_type != "t2v":
+            raise ModelConfigError(f"{cfg.model_type} DiTs (in_dim {cfg.in_dim}) are not supported: T2V only")
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        # RoPE tables, built on first use per (grid, device): not buffers, so the
+        # model can be built on the meta device and filled from a file.
+        self._rope_cache: dict[tuple[tuple[int, int, int], torch.device], torch.Tensor] = {}
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        key = (grid, device)
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 8:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_table(grid, self.config.head_dim, device)
+        return self._rope_cache[key]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        batch, _, frames, height, width = x.shape
+        pt, ph, pw = cfg.patch_size
+        if frames % pt or height % ph or width % pw:
+            raise ValueError(f"latent {frames}x{height}x{width} is not a multiple of the patch size {cfg.patch_size}")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens, more than text_len {cfg.text_len}")
+        dtype = self.patch_embedding.weight.dtype
+
+        x = self.patch_embedding(x.to(dtype))
+        grid = tuple(x.shape[2:])
+        # The residual stream is float32 (official: bf16 + bf16 * float32 gate).
+        x = x.flatten(2).transpose(1, 2).float().contiguous()
+
+        # Time: sinusoid -> MLP -> six modulation vectors per block, all float32.
+        e = _in_own_dtype(self.time_embedding, sinusoidal_embedding(t.to(x.device), cfg.freq_dim))
+        e0 = _in_own_dtype(self.time_projection, e).unflatten(1, (6, cfg.dim))
+
+        # Text: zero-padded to text_len and attended in full, padding included (official).
+        context = F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
+        context = self.text_embedding(context)
+
+        freqs = self.rope(grid, x.device)
+        for block in self.blocks:
+            x = block(x, e0, freqs, context)
+        x = self.head(x, e)
+
+        # Unpatchify: [B, f*h*w, pt*ph*pw*c] -> [B, c, f*pt, h*ph, w*pw].
+        f, h, w = grid
+        x = x.view(batch, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(batch, cfg.out_dim, f * pt, h * ph, w * pw)
+
+
+# --- files ----------------------------------------------------------------------------
+
+# Substrings of names the community converters never quantize (city96 convert.py
+# keeps them in high precision; the patched llama-quantize skips them).
+NEVER_QUANTIZED = ("modulation", "patch_embedding", "text_embedding", "time_projection", "time_embedding",
+                   "img_emb", "head")
+_SMALL_TENSOR = 1024  # convert.py QUANTIZATION_THRESHOLD: at most this many elements -> F32
+
+
+def community_qtype(name: str, shape: tuple[int, ...], quant: str | GGMLQuantizationType) -> GGMLQuantizationType:
+    """The GGML type a community Wan GGUF stores tensor `name` in, for a file quantized to `quant`.
+
+    Only 2-D weights inside `blocks.N` take `quant`; 1-D, small (<= 1024
+    elements) and never-quantized tensors are F32; a row that is not a whole
+    number of `quant` blocks falls back to F16 (as the patched llama-quantize does).
+    """
+    qtype = GGMLQuantizationType[quant] if isinstance(quant, str) else GGMLQuantizationType(quant)
+    if (
+        len(shape) != 2
+        or math.prod(shape) <= _SMALL_TENSOR
+        or not _BLOCK.match(name)
+        or any(part in name for part in NEVER_QUANTIZED)
+    ):
+        return GGMLQuantizationType.F32
+    block_size, _ = GGML_QUANT_SIZES[qtype]
+    if shape[-1] % block_size:
+        return GGMLQuantizationType.F16
+    return qtype
+
+
+def write_dit_gguf(
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    quant: str = "Q8_0",
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a DiT state dict (original Wan names) as a community-layout GGUF.
+
+    `general.architecture = "wan"`, names unchanged, shapes unchanged (5-D
+    `patch_embedding`, 3-D `.modulation`), types from `community_qtype`.
+    """
+    tensors = {}
+    for name, tensor in state_dict.items():
+        array = tensor.detach().to("cpu", torch.float32).numpy()
+        tensors[name] = (array, community_qtype(name, tuple(array.shape), quant))
+    write_gguf(path, "wan", tensors, metadata=metadata)
+
+
+def load_dit(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    policy: str = "dequantize_once",
+) -> WanModel:
+    """Load a Wan DiT GGUF (community layout) as an eval-mode `WanModel` computing in `dtype`.
+
+    `policy` is the GGUF layer's weight policy: "dequantize_once" (dense
+    weights in `dtype`) or "on_the_fly" (quantized weights stay quantized and
+    are dequantized in each forward). The official float32 regions are loaded
+    in float32 whatever `dtype` is.
+    """
+    f = GGUFFile(path)  # names come without the `model.diffusion_model.` prefix
+    try:
+        cfg = infer_config({name: f.shape(name) for name in f.tensor_names}, f.metadata)
+        with torch.device("meta"):
+            model = WanModel(cfg)
+    except ModelConfigError as err:
+        raise ModelConfigError(f"{os.fspath(path)}: {err}") from None
+    load_gguf_into(model, f, policy=policy, dtype=dtype, device=device)
+
+    if dtype != torch.float32:
+        # The official code computes these in float32 from float32 weights
+        # (its autocast(float32) regions): re-read them from the file in float32.
+        for name, param in list(model.named_parameters()):
+            if is_float32_param(name):
+                module_name, _, leaf = name.rpartition(".")
+                weight = f.dequantize(name, torch.float32, device).reshape(param.shape)
+                setattr(model.get_submodule(module_name), leaf, nn.Parameter(weight, requires_grad=False))
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,351 @@
+"""The Wan DiT against diffusers' WanTransformer3DModel, and its community-layout GGUF files.
+
+The oracle is a tiny random diffusers model (heads 2 x head dim 128, ffn 512,
+2 layers, text_dim 64). Its weights, renamed to the original Wan names, go into
+our `WanModel` directly and through GGUF files that we write; diffusers' own
+GGUF loader reads the same files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize, quantize
+
+from engine.wan.dit import (
+    WAN_CONFIGS,
+    ModelConfigError,
+    WanConfig,
+    WanModel,
+    community_qtype,
+    config_name,
+    expected_shapes,
+    infer_config,
+    load_dit,
+    rope_axis_dims,
+    write_dit_gguf,
+)
+
+Q = GGMLQuantizationType
+TINY_HEADS = {"wan.attention.head_count": 2}
+
+# diffusers name fragment -> original Wan name fragment, applied in order
+# (diffusers calls the affine cross-attention norm `norm2`, the original `norm3`).
+DIFFUSERS_TO_WAN = [
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    (".attn1.", ".self_attn."),
+    (".attn2.", ".cross_attn."),
+    (".to_q.", ".q."),
+    (".to_k.", ".k."),
+    (".to_v.", ".v."),
+    (".to_out.0.", ".o."),
+    (".norm2.", ".norm3."),
+    (".ffn.net.0.proj.", ".ffn.0."),
+    (".ffn.net.2.", ".ffn.2."),
+    (".scale_shift_table", ".modulation"),
+    ("proj_out.", "head.head."),
+]
+
+
+def to_wan_names(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in diffusers_state.items():
+        if name == "scale_shift_table":
+            name = "head.modulation"
+        for old, new in DIFFUSERS_TO_WAN:
+            name = name.replace(old, new)
+        out[name] = tensor.detach().clone()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(diffusers model, its weights under the original Wan names, a directory holding its config.json in config/)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6,
+    ).eval().requires_grad_(False)
+    # The official init zeroes the head and sets norms to 1: re-randomise every
+    # parameter (norm affines and modulation tables included) so all of them count.
+    gen = torch.Generator().manual_seed(1)
+    for name, p in ref.named_parameters():
+        scale = 0.5 if p.ndim == 1 or "scale_shift_table" in name else 1.0 / math.sqrt(p[0].numel())
+        p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if "norm" in name else 0.0))
+    root = tmp_path_factory.mktemp("dit")
+    ref.save_config(root / "config")
+    return ref, to_wan_names(ref.state_dict()), root
+
+
+def inputs(batch: int = 2):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, 16, 3, 8, 8, generator=gen)
+    t = torch.tensor([999.0, 500.0][:batch])
+    context = torch.randn(batch, 512, 64, generator=gen)
+    for i, length in enumerate([7, 12][:batch]):
+        context[i, length:] = 0  # Wan zero-pads the umT5 output to 512 tokens
+    return x, t, context
+
+
+def dense_model(state: dict[str, torch.Tensor]) -> WanModel:
+    cfg = infer_config({n: tuple(v.shape) for n, v in state.items()}, TINY_HEADS)
+    model = WanModel(cfg)
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def test_tiny_config_is_inferred_from_the_diffusers_weights(tiny):
+    _, state, _ = tiny
+    cfg = infer_config({n: tuple(v.shape) for n, v in state.items()}, TINY_HEADS)
+    assert cfg == WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=64)
+    assert set(state) == set(expected_shapes(cfg))
+
+
+@torch.no_grad()
+def test_forward_matches_diffusers_float32(tiny):
+    ref, state, _ = tiny
+    model = dense_model(state)
+    x, t, context = inputs()
+    expected = ref(x, t, context, return_dict=False)[0]
+    got = model(x, t, context)
+    assert got.shape == (2, 16, 3, 8, 8) and got.dtype == torch.float32
+    assert expected.abs().max() > 0.5  # the head is not zero: every weight takes part
+    # float32 throughout; the two differ only in the order of float32 ops.
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_short_context_is_zero_padded_to_text_len(tiny):
+    _, state, _ = tiny
+    model = dense_model(state)
+    x, t, context = inputs(batch=1)
+    padded = model(x, t, context)
+    short = model(x, t, context[:, :7])
+    assert torch.equal(short, padded)
+    # The padding is attended (official): a model padding to 7 tokens only differs.
+    unpadded = WanModel(dataclasses.replace(model.config, text_len=7))
+    unpadded.load_state_dict(state)
+    assert (unpadded(x, t, context[:, :7]) - padded).abs().max() > 1e-3
+
+
+def test_rope_split_over_frames_height_width():
+    assert rope_axis_dims(128) == (44, 42, 42)
+    assert rope_axis_dims(64) == (24, 20, 20)
+
+
+def test_community_qtype_policy():
+    assert community_qtype("blocks.0.self_attn.q.weight", (5120, 5120), "Q8_0") == Q.Q8_0
+    assert community_qtype("blocks.3.ffn.2.weight", (5120, 13824), "Q4_K") == Q.Q4_K
+    assert community_qtype("blocks.3.cross_attn.o.weight", (256, 256), Q.Q4_0) == Q.Q4_0
+    # never quantized: 1-D, small, modulation, embeddings, projection, head
+    assert community_qtype("blocks.0.self_attn.q.bias", (5120,), "Q8_0") == Q.F32
+    assert community_qtype("blocks.0.self_attn.norm_q.weight", (5120,), "Q8_0") == Q.F32
+    assert community_qtype("blocks.0.modulation", (1, 6, 5120), "Q8_0") == Q.F32
+    assert community_qtype("blocks.0.tiny.weight", (32, 32), "Q8_0") == Q.F32
+    for name in ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.2.weight",
+                 "time_projection.1.weight", "head.head.weight", "img_emb.proj.1.weight"):
+        assert community_qtype(name, (5120, 4096), "Q8_0") == Q.F32, name
+    # a row that is not a whole number of blocks falls back to F16
+    assert community_qtype("blocks.0.ffn.0.weight", (512, 48), "Q8_0") == Q.F16
+    assert community_qtype("blocks.0.ffn.0.weight", (512, 384), "Q4_K") == Q.F16
+
+
+def test_written_file_has_the_community_layout(tiny):
+    _, state, root = tiny
+    path = root / "layout_q8.gguf"
+    write_dit_gguf(state, path, "Q8_0")
+    reader = GGUFReader(path)
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "wan"
+    found = {t.name: (t.tensor_type, tuple(int(s) for s in reversed(t.shape))) for t in reader.tensors}
+    assert set(found) == set(state)
+    assert found["patch_embedding.weight"] == (Q.F32, (256, 16, 1, 2, 2))
+    assert found["blocks.1.modulation"] == (Q.F32, (1, 6, 256))
+    assert found["head.modulation"] == (Q.F32, (1, 2, 256))
+    assert found["blocks.0.ffn.0.weight"] == (Q.Q8_0, (512, 256))
+    assert found["blocks.1.cross_attn.k.weight"] == (Q.Q8_0, (256, 256))
+    assert found["text_embedding.0.weight"] == (Q.F32, (256, 64))
+    assert found["blocks.0.norm3.bias"] == (Q.F32, (256,))
+    quantized = {n for n, (qt, _) in found.items() if qt == Q.Q8_0}
+    assert quantized == {n for n, v in state.items() if n.startswith("blocks.") and v.ndim == 2}
+
+
+@pytest.fixture(scope="module")
+def files(tiny):
+    _, state, root = tiny
+    paths = {}
+    for quant in ("F32", "Q8_0"):
+        paths[quant] = root / f"tiny_{quant}.gguf"
+        write_dit_gguf(state, paths[quant], quant, metadata=TINY_HEADS)
+    return paths
+
+
+@torch.no_grad()
+def test_f32_file_loads_to_the_same_model(tiny, files):
+    _, state, _ = tiny
+    x, t, context = inputs()
+    expected = dense_model(state)(x, t, context)
+    model = load_dit(files["F32"])
+    assert model.config == infer_config({n: tuple(v.shape) for n, v in state.items()}, TINY_HEADS)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    # The same float32 weights through the same ops: the same bits.
+    assert torch.equal(model(x, t, context), expected)
+
+
+@torch.no_grad()
+def test_q8_0_file_both_policies_match_the_dequantized_dense_model(tiny, files):
+    _, state, _ = tiny
+    x, t, context = inputs()
+    once = load_dit(files["Q8_0"], policy="dequantize_once")(x, t, context)
+    on_the_fly = load_dit(files["Q8_0"], policy="on_the_fly")(x, t, context)
+    # The same dequantized values into the same matmuls: the same bits.
+    assert torch.equal(on_the_fly, once)
+
+    # Dense reference: each quantized weight round-tripped through gguf-py's Q8_0.
+    rounded = {}
+    for name, v in state.items():
+        qtype = community_qtype(name, tuple(v.shape), "Q8_0")
+        if qtype == Q.Q8_0:
+            v = torch.from_numpy(dequantize(quantize(v.numpy(), Q.Q8_0), Q.Q8_0).reshape(v.shape).copy())
+        rounded[name] = v
+    expected = dense_model(rounded)(x, t, context)
+    torch.testing.assert_close(once, expected, atol=1e-5, rtol=1e-5)
+    # ...and Q8_0 does change the numbers a little (the file really is quantized).
+    assert 0 < (once - dense_model(state)(x, t, context)).abs().max() < 0.1
+
+
+def diffusers_from_gguf(path, config_dir):
+    from diffusers import GGUFQuantizationConfig, WanTransformer3DModel
+
+    return WanTransformer3DModel.from_single_file(
+        str(path), config=str(config_dir),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), torch_dtype=torch.float32,
+    ).eval()
+
+
+def q8_0_as_diffusers_dequantizes(weight: torch.Tensor) -> torch.Tensor:
+    """gguf-py's Q8_0 blocks of `weight`, dequantized as diffusers does: scale (f16) * q (int8) in float16."""
+    blocks = quantize(weight.numpy(), Q.Q8_0).reshape(-1, 34)
+    scale = torch.from_numpy(blocks[:, :2].copy().view(np.float16))
+    q = torch.from_numpy(blocks[:, 2:].copy().view(np.int8))
+    return (scale * q).float().reshape(weight.shape)
+
+
+@torch.no_grad()
+def test_diffusers_gguf_loader_reads_our_files(tiny, files, monkeypatch):
+    ref, state, root = tiny
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    x, t, context = inputs()
+
+    # F32 file: diffusers and we read the same float32 weights (~1e-5 from op order).
+    theirs = diffusers_from_gguf(files["F32"], root / "config")(x, t, context, return_dict=False)[0]
+    ours = load_dit(files["F32"])(x, t, context)
+    torch.testing.assert_close(ours, theirs, atol=5e-5, rtol=1e-5)
+
+    # Q8_0 file: diffusers dequantizes Q8_0 as a float16 product (each weight
+    # rounded to 11 bits), we in float32 as gguf-py does, so the outputs differ by
+    # ~1e-3; against our model holding diffusers' float16-rounded weights it is ~1e-5.
+    theirs = diffusers_from_gguf(files["Q8_0"], root / "config")(x, t, context, return_dict=False)[0]
+    ours = load_dit(files["Q8_0"])(x, t, context)
+    torch.testing.assert_close(ours, theirs, atol=5e-3, rtol=1e-3)
+    rounded = {
+        name: q8_0_as_diffusers_dequantizes(v) if community_qtype(name, tuple(v.shape), "Q8_0") == Q.Q8_0 else v
+        for name, v in state.items()
+    }
+    torch.testing.assert_close(dense_model(rounded)(x, t, context), theirs, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+@torch.no_grad()
+def test_half_precision_compute_stays_close_to_float32(files, dtype, tolerance):
+    x, t, context = inputs()
+    full = load_dit(files["Q8_0"])(x, t, context)
+    model = load_dit(files["Q8_0"], dtype=dtype)
+    assert model.blocks[0].self_attn.q.weight.dtype == dtype
+    assert model.text_embedding[0].weight.dtype == dtype
+    # the official float32 regions stay float32
+    assert model.time_projection[1].weight.dtype == torch.float32
+    assert model.head.head.weight.dtype == torch.float32
+    assert model.blocks[0].modulation.dtype == torch.float32
+    half = model(x, t, context)
+    assert half.dtype == torch.float32
+    assert torch.equal(load_dit(files["Q8_0"], dtype=dtype, policy="on_the_fly")(x, t, context), half)
+    # Max error relative to the output's scale (measured: bf16 3.3e-3, fp16 3.8e-4
+    # over these two blocks; bf16 keeps 8 mantissa bits, fp16 11).
+    err = (half - full).abs().max() / full.abs().max()
+    assert err < tolerance, err
+
+
+# --- infer_config ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(WAN_CONFIGS))
+def test_published_configs_round_trip_through_their_shapes(name):
+    cfg = WAN_CONFIGS[name]
+    inferred = infer_config(expected_shapes(cfg))
+    assert inferred == cfg
+    assert inferred.head_dim == 128
+    # The Wan2.2 A14B experts have exactly the T2V-14B shapes; the first name is returned.
+    assert config_name(inferred) == ("t2v-14B" if name == "t2v-A14B" else name)
+
+
+def test_published_sizes():
+    assert (WAN_CONFIGS["t2v-1.3B"].dim, WAN_CONFIGS["t2v-1.3B"].num_heads, WAN_CONFIGS["t2v-1.3B"].num_layers) == (1536, 12, 30)
+    assert WAN_CONFIGS["i2v-14B"].model_type == "i2v" and WAN_CONFIGS["t2v-14B"].model_type == "t2v"
+    assert config_name(WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=64)) is None
+
+
+def test_head_count_from_metadata():
+    cfg = WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=1, in_dim=16, out_dim=16, text_dim=64)
+    shapes = expected_shapes(cfg)
+    assert infer_config(shapes).num_heads == 2  # dim // 128 without metadata
+    assert infer_config(shapes, {"wan.attention.head_count": 4}).num_heads == 4
+
+
+def test_missing_or_misshaped_tensors_are_named():
+    shapes = expected_shapes(WAN_CONFIGS["t2v-1.3B"])
+    with pytest.raises(ModelConfigError, match="patch_embedding.weight"):
+        infer_config({n: s for n, s in shapes.items() if n != "patch_embedding.weight"})
+    with pytest.raises(ModelConfigError, match="blocks.7.cross_attn.v.weight"):
+        infer_config({n: s for n, s in shapes.items() if n != "blocks.7.cross_attn.v.weight"})
+    with pytest.raises(ModelConfigError, match=r"blocks.3.ffn.2.weight.*\[1536, 8960\]"):
+        infer_config({**shapes, "blocks.3.ffn.2.weight": (1536, 4480)})
+    with pytest.raises(ModelConfigError, match="head dim 128"):
+        infer_config({**shapes, "patch_embedding.weight": (1000, 16, 1, 2, 2)})
+
+
+def test_load_dit_names_the_file_and_the_missing_tensor(tiny, tmp_path):
+    _, state, _ = tiny
+    path = tmp_path / "no_patch.gguf"
+    write_dit_gguf({n: v for n, v in state.items() if not n.startswith("patch_embedding.")}, path, "F32")
+    with pytest.raises(ModelConfigError, match=r"no_patch\.gguf.*'patch_embedding\.weight' is missing"):
+        load_dit(path)
+
+
+def test_i2v_is_recognised_but_not_built():
+    cfg = infer_config(expected_shapes(WAN_CONFIGS["i2v-14B"]))
+    assert cfg.model_type == "i2v"
+    with pytest.raises(ModelConfigError, match="i2v"):
+        with torch.device("meta"):
+            WanModel(cfg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_matches_cpu(files):
+    x, t, context = inputs()
+    cpu = load_dit(files["Q8_0"])(x, t, context)
+    for policy in ("dequantize_once", "on_the_fly"):
+        gpu = load_dit(files["Q8_0"], device="cuda", policy=policy)(x.cuda(), t.cuda(), context.cuda())
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
