@@ -22,6 +22,11 @@ from jobs.identity import file_digest
 from jobs.params import DEFAULT_NEGATIVE_PROMPT, RenderParams
 
 LATENT_CHANNELS = 16
+# On the CPU, torch's results depend on its intra-op thread count (measured:
+# the umT5 path gives other bits with 1 thread than with 2). Frames must not
+# depend on how many actors share a machine, so a CPU engine always computes
+# with the same thread count; a CPU machine scales with more actors instead.
+CPU_THREADS = 1
 VAE_STRIDE = (4, 8, 8)
 
 ProgressFn = Callable[[int, int], None]
@@ -131,6 +136,7 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         policy: str = "dequantize_once",
         cache_bytes: int = 1 << 30,
+        cpu_threads: int = CPU_THREADS,
     ):
         from engine.gguf import GGUFFile
         from engine.wan.dit import load_dit
@@ -140,6 +146,9 @@ class Engine:
 
         self.models = models
         self.device = torch.device(device)
+        self.cpu_threads = cpu_threads
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads)
         self.dtype = dtype
         self.defaults = models.render_defaults()
         if models.text_encoder.suffix == ".gguf":

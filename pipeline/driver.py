@@ -1,0 +1,421 @@
+"""`reelray run`: manifest -> pending jobs -> render actors -> committed videos -> dataset.
+
+Where and when, never how: the driver reads and validates the manifest
+(jobs/), subtracts what OUT already holds, and hands jobs to resident
+`RenderActor`s (Ray Core actors; see docs/ARCHITECTURE.md for why not Ray
+Data), grouping a prompt's seeds on one actor so its text embedding is
+computed once. Results come back as rows; failures are retried and then
+recorded as rows; a dead or stuck actor is replaced. The metadata dataset is
+compacted from the committed sidecars, so a driver killed at any moment
+loses nothing that was committed, and the same command resumes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from jobs.dataset import make_row
+from jobs.manifest import ManifestError, RenderJob, load_jobs, parse_seed_range
+from pipeline.actor import RenderActor, software_versions
+from pipeline.output import OutputDir, OutputError
+from pipeline.progress import RunProgress
+
+QUEUE_DEPTH = 2  # jobs in flight per actor: the next one waits on the actor, not on the driver
+COMPACT_EVERY_S = 60.0
+MAX_ERRORS_SHOWN = 20
+
+
+@dataclass
+class RunConfig:
+    manifest: str
+    out: str
+    model_files: dict[str, str]
+    model_dir: str | None = None
+    actors: int | None = None
+    seeds: list[int] | None = None
+    skip_invalid: bool = False
+    force: bool = False
+    address: str | None = None
+    retries: int = 2
+    job_timeout: float | None = None
+    log_every: float = 10.0
+    device: str | None = None
+    dtype: str | None = None
+    policy: str = "dequantize_once"
+
+    @classmethod
+    def from_args(cls, args) -> "RunConfig":
+        from pipeline.cli import CLIError, model_set
+
+        if args.actors is not None and args.actors < 1:
+            raise CLIError(f"--actors {args.actors}: must be at least 1")
+        if args.retries < 0:
+            raise CLIError(f"--retries {args.retries}: must be 0 or more")
+        return cls(
+            manifest=args.manifest,
+            out=args.out,
+            model_files=model_set(args).files(),
+            model_dir=args.model,
+            actors=args.actors,
+            seeds=parse_seed_range(args.seeds) if args.seeds else None,
+            skip_invalid=args.skip_invalid,
+            force=args.force,
+            address=args.address,
+            retries=args.retries,
+            job_timeout=args.job_timeout,
+            log_every=args.log_every,
+            device=args.device,
+            dtype=args.dtype,
+            policy=args.policy,
+        )
+
+
+class RunStopped(OutputError):
+    """The run stopped before all jobs were finished (e.g. the output ran out of space)."""
+
+
+# -- scheduling ---------------------------------------------------------------
+
+
+class PromptQueue:
+    """Pending jobs grouped by prompt; an actor keeps taking its prompt's seeds.
+
+    An idle actor continues its current prompt if it has jobs left, else
+    claims the next unclaimed prompt, else takes half of the largest group
+    claimed by another actor (so the tail of a run keeps every actor busy).
+    """
+
+    def __init__(self, jobs: list[RenderJob]):
+        self.groups: OrderedDict[str, deque[RenderJob]] = OrderedDict()
+        for job in jobs:
+            self.groups.setdefault(job.prompt, deque()).append(job)
+        self.unclaimed: deque[str] = deque(self.groups)
+        self.owner: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def push_front(self, job: RenderJob) -> None:
+        self.groups.setdefault(job.prompt, deque()).appendleft(job)
+        if job.prompt not in self.owner and job.prompt not in self.unclaimed:
+            self.unclaimed.appendleft(job.prompt)
+
+    def next_for(self, actor: int, prompt: str | None) -> RenderJob | None:
+        if prompt is not None and self.groups.get(prompt):
+            return self._pop(prompt)
+        while self.unclaimed:
+            candidate = self.unclaimed.popleft()
+            if self.groups.get(candidate):
+                self.owner[candidate] = actor
+                return self._pop(candidate)
+        largest = max((p for p in self.groups if self.groups[p]), key=lambda p: len(self.groups[p]), default=None)
+        if largest is None:
+            return None
+        self.owner[largest] = actor
+        return self._pop(largest)
+
+    def _pop(self, prompt: str) -> RenderJob:
+        group = self.groups[prompt]
+        job = group.popleft()
+        if not group:
+            del self.groups[prompt]
+        return job
+
+
+@dataclass
+class Slot:
+    """One actor and the jobs submitted to it, oldest first."""
+
+    index: int
+    handle: Any
+    inflight: deque = field(default_factory=deque)  # (ref, job, attempt)
+    head_started: float = 0.0
+    prompt: str | None = None
+
+
+# -- the run ------------------------------------------------------------------
+
+
+def run(config: RunConfig, stream=None) -> dict:
+    import ray
+
+    stream = stream or sys.stderr
+    started_at = datetime.now(timezone.utc)
+    t_start = time.monotonic()
+    from engine.model_set import ModelSet
+
+    models = ModelSet.from_files(**config.model_files)
+    digest = models.digest()
+    defaults = models.render_defaults()
+
+    jobs, errors, n_rows = load_jobs(config.manifest, model_digest=digest, defaults=defaults, seeds=config.seeds)
+    if errors and not config.skip_invalid:
+        shown = "\n".join(f"  {e}" for e in errors[:MAX_ERRORS_SHOWN])
+        more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
+        raise ManifestError(
+            f"{config.manifest}: {len(errors)} invalid row(s); fix them or pass --skip-invalid:\n{shown}{more}"
+        )
+
+    out = OutputDir(config.out)
+    try:
+        out.ensure()
+    except OSError as exc:
+        raise OutputError(f"{config.out}: cannot create the output directory: {exc}") from exc
+    scan = out.scan()
+    out.clean(scan)
+    done_rows: dict[str, dict] = dict(scan.done)
+    failed_rows: dict[str, dict] = previous_failures(out, done_rows)
+    pending = [job for job in jobs if config.force or job.job_id not in done_rows]
+    skipped_done = len(jobs) - len(pending)
+    print(
+        f"reelray: {n_rows} manifest rows -> {len(jobs)} jobs; {skipped_done} already done, "
+        f"{len(pending)} to render, {len(errors)} invalid rows skipped" if errors else
+        f"reelray: {n_rows} manifest rows -> {len(jobs)} jobs; {skipped_done} already done, {len(pending)} to render",
+        file=stream,
+    )
+
+    actor_stats: list[dict] = []
+    stop_reason = None
+    if pending:
+        ensure_ray(config.address)
+        try:
+            stop_reason = render_all(config, out, models, digest, pending, done_rows, failed_rows, actor_stats, stream)
+        finally:
+            out.compact(list(done_rows.values()) + [r for k, r in failed_rows.items() if k not in done_rows])
+    else:
+        out.compact(list(done_rows.values()) + [r for k, r in failed_rows.items() if k not in done_rows])
+
+    job_ids = {job.job_id for job in jobs}
+    counts = {
+        "rows": n_rows,
+        "invalid_rows": len(errors),
+        "jobs": len(jobs),
+        "skipped_done": skipped_done,
+        "rendered": sum(1 for j in pending if j.job_id in done_rows),
+        "done": sum(1 for j in job_ids if j in done_rows),
+        "failed": sum(1 for j in job_ids if j in failed_rows and j not in done_rows),
+    }
+    counts["pending"] = counts["jobs"] - counts["done"] - counts["failed"]
+    lookups = sum(s["cache_hits"] + s["cache_misses"] for s in actor_stats)
+    report = {
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "wall_s": time.monotonic() - t_start,
+        "config": {k: v for k, v in asdict(config).items() if k != "seeds"} | {"seeds": summarize_seeds(config.seeds)},
+        "model_digest": digest,
+        "software": software_versions(),
+        "counts": counts,
+        "invalid_rows": [str(e) for e in errors[:1000]],
+        "embedding_cache_hit_rate": sum(s["cache_hits"] for s in actor_stats) / lookups if lookups else None,
+        "actors": actor_stats,
+        "stopped": stop_reason,
+    }
+    name = started_at.strftime("%Y%m%dT%H%M%S.%fZ")
+    report_path = out.write_report(name, report)
+    print(
+        f"reelray: done {counts['done']}/{counts['jobs']}, failed {counts['failed']}, pending {counts['pending']}"
+        f" in {report['wall_s']:.1f}s; videos in {out.path('videos')}, dataset in {out.path('metadata')}, report {report_path}",
+        file=stream,
+    )
+    if stop_reason:
+        raise RunStopped(f"{stop_reason}; {counts['done']} jobs are done and intact: rerun the same command to resume")
+    return report
+
+
+def previous_failures(out: OutputDir, done_rows: dict[str, dict]) -> dict[str, dict]:
+    """Failed rows of earlier runs (kept in the dataset until the job is done)."""
+    table = out.read_metadata()
+    if table is None or "status" not in table.column_names:
+        return {}
+    return {r["job_id"]: r for r in table.to_pylist() if r["status"] == "failed" and r["job_id"] not in done_rows}
+
+
+def summarize_seeds(seeds: list[int] | None) -> str | None:
+    if not seeds:
+        return None
+    return f"{len(seeds)} seeds, {min(seeds)}..{max(seeds)}"
+
+
+def ensure_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    else:
+        # A local instance: no dashboard to expose; Ray turns token auth on for new local clusters.
+        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+
+
+def actor_resources(config: RunConfig) -> tuple[int, dict, dict]:
+    """How many actors, what each asks Ray for, and their engine options.
+
+    One actor per GPU; on CPUs one actor per CPU by default (a CPU engine
+    computes single-threaded, see engine.render.CPU_THREADS).
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    device = config.device or ("cuda" if gpus else "cpu")
+    if device.startswith("cuda"):
+        count = config.actors or max(gpus, 1)
+        request = {"num_gpus": 1, "num_cpus": 1}
+    else:
+        cpus = resources.get("CPU", 1.0)
+        count = config.actors or max(int(cpus), 1)
+        request = {"num_cpus": min(1.0, cpus / count)}
+    dtype = config.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    import torch
+
+    options = {"device": device, "dtype": getattr(torch, dtype), "policy": config.policy}
+    return count, request, options
+
+
+def render_all(config, out, models, digest, pending, done_rows, failed_rows, actor_stats, stream) -> str | None:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    count, request, engine_options = actor_resources(config)
+    actor_cls = ray.remote(RenderActor).options(max_restarts=0, max_task_retries=0, **request)
+
+    def start_actor(index: int) -> Slot:
+        handle = actor_cls.remote(config.model_files, digest, out.uri, engine_options)
+        return Slot(index=index, handle=handle)
+
+    slots = [start_actor(i) for i in range(min(count, len(pending)))]
+    try:
+        ray.get([s.handle.ready.remote() for s in slots])
+    except RayActorError as exc:
+        raise RuntimeError(f"render actors could not load the model: {one_line_cause(exc)}") from None
+
+    queue = PromptQueue(pending)
+    attempts: dict[str, int] = {}
+    total = len(pending)
+    progress = RunProgress(total, stream=stream, log_every=config.log_every)
+    finished = 0
+    n_failed = 0
+    last_compact = time.monotonic()
+    stop_reason: str | None = None
+    retired: list[Any] = []
+
+    def submit(slot: Slot) -> None:
+        while len(slot.inflight) < QUEUE_DEPTH and stop_reason is None:
+            job = queue.next_for(slot.index, slot.prompt)
+            if job is None:
+                return
+            attempt = attempts.get(job.job_id, 0) + 1
+            attempts[job.job_id] = attempt
+            slot.prompt = job.prompt
+            if not slot.inflight:
+                slot.head_started = time.monotonic()
+            slot.inflight.append((slot.handle.render.remote(job, attempt), job, attempt))
+
+    def fail_or_retry(job: RenderJob, attempt: int, error: str) -> None:
+        nonlocal finished, n_failed
+        if attempt <= config.retries:
+            queue.push_front(job)
+            return
+        failed_rows[job.job_id] = make_row(
+            job, model_digest=digest, status="failed", error=error, attempts=attempt,
+            software=software_versions(),
+        )
+        finished += 1
+        n_failed += 1
+
+    def replace(slot: Slot, reason: str) -> None:
+        """The actor died or hung: its running job counts an attempt, the queued ones go back."""
+        ray.kill(slot.handle, no_restart=True)
+        retired.append(slot.handle)
+        for position, (_, job, attempt) in enumerate(slot.inflight):
+            if position == 0:
+                fail_or_retry(job, attempt, reason)
+            else:
+                attempts[job.job_id] = attempt - 1
+                queue.push_front(job)
+        fresh = start_actor(slot.index)
+        slot.handle, slot.inflight, slot.prompt = fresh.handle, deque(), None
+
+    for slot in slots:
+        submit(slot)
+    while any(slot.inflight for slot in slots):
+        heads = {slot.inflight[0][0]: slot for slot in slots if slot.inflight}
+        ready, _ = ray.wait(list(heads), num_returns=1, timeout=0.5)
+        for ref in ready:
+            slot = heads[ref]
+            _, job, attempt = slot.inflight.popleft()
+            slot.head_started = time.monotonic()
+            try:
+                result = ray.get(ref)
+            except RayActorError as exc:
+                slot.inflight.appendleft((ref, job, attempt))
+                replace(slot, f"actor died: {one_line_cause(exc)}")
+                continue
+            if result["ok"]:
+                done_rows[job.job_id] = result["row"]
+                failed_rows.pop(job.job_id, None)
+                finished += 1
+            elif result["out_of_space"]:
+                stop_reason = f"{config.out}: no space left on the output filesystem ({result['error']})"
+                queue.push_front(job)
+            else:
+                fail_or_retry(job, attempt, result["error"])
+        if config.job_timeout:
+            now = time.monotonic()
+            for slot in slots:
+                if slot.inflight and now - slot.head_started > config.job_timeout:
+                    replace(slot, f"TimeoutError: job exceeded the per-job timeout of {config.job_timeout:g}s")
+        for slot in slots:
+            submit(slot)
+        progress.update(len([1 for j in pending if j.job_id in done_rows]), n_failed)
+        if time.monotonic() - last_compact > COMPACT_EVERY_S:
+            out.compact(list(done_rows.values()) + [r for k, r in failed_rows.items() if k not in done_rows])
+            last_compact = time.monotonic()
+    progress.close()
+
+    for slot in slots:
+        try:
+            actor_stats.append(ray.get(slot.handle.stats.remote(), timeout=30))
+        except (RayActorError, GetTimeoutError):
+            pass
+        ray.kill(slot.handle, no_restart=True)
+    return stop_reason
+
+
+def one_line_cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    # Ray's message ends with the original error's last line; that is what a user needs.
+    lines = [line.strip() for line in text if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+# -- status -------------------------------------------------------------------
+
+
+def status(args) -> dict:
+    out = OutputDir(args.out)
+    scan = out.scan()
+    failed = previous_failures(out, scan.done)
+    counts: dict[str, Any] = {"done": len(scan.done), "failed": len(failed)}
+    if args.manifest:
+        from engine.model_set import ModelSet
+        from pipeline.cli import model_set
+
+        models: ModelSet = model_set(args)
+        seeds = parse_seed_range(args.seeds) if args.seeds else None
+        jobs, errors, _ = load_jobs(args.manifest, model_digest=models.digest(), defaults=models.render_defaults(), seeds=seeds)
+        ids = {j.job_id for j in jobs}
+        counts = {
+            "done": len(ids & scan.done.keys()),
+            "failed": len(ids & failed.keys()),
+            "pending": len(ids - scan.done.keys() - failed.keys()),
+            "invalid_rows": len(errors),
+        }
+    counts["leftovers"] = len(scan.corrupt)
+    return counts

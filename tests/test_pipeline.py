@@ -1,0 +1,186 @@
+"""`reelray run` end to end on a real local Ray instance, with the tiny model."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from engine.model_set import ModelSet
+from engine.video import read_mp4
+from jobs.manifest import ManifestError
+from pipeline.driver import RunConfig, run
+
+PROMPTS = ["a red fox in snow", "boats in a harbor at dusk", "rain on a neon street"]
+
+
+def write_manifest(path: Path, rows: dict) -> Path:
+    import pyarrow as pa
+
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def config(tiny_model, manifest, out, **overrides) -> RunConfig:
+    return RunConfig(
+        manifest=str(manifest),
+        out=str(out),
+        model_files=ModelSet.from_dir(tiny_model).files(),
+        log_every=1000.0,
+        **overrides,
+    )
+
+
+def metadata(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "metadata")
+
+
+@pytest.fixture(scope="module")
+def sweep_manifest(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("manifest")
+    return write_manifest(
+        directory / "m.parquet",
+        {"prompt": PROMPTS, "clip": ["fox", "harbor", "neon"], "seeds": [[0, 1, 2]] * len(PROMPTS)},
+    )
+
+
+@pytest.fixture(scope="module")
+def one_actor_run(ray_session, tiny_model, sweep_manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out-1-actor")
+    report = run(config(tiny_model, sweep_manifest, out, actors=1), stream=io.StringIO())
+    return out, report
+
+
+def test_same_seed_same_frames_across_actor_counts(one_actor_run, ray_session, tiny_model, sweep_manifest, tmp_path):
+    out1, _ = one_actor_run
+    out2 = tmp_path / "out-2-actors"
+    report = run(config(tiny_model, sweep_manifest, out2, actors=2), stream=io.StringIO())
+    assert len(report["actors"]) == 2
+    assert all(a["jobs"] > 0 for a in report["actors"]), "both actors should have rendered"
+    one = metadata(out1).set_index("job_id")["frames_sha256"].sort_index()
+    two = metadata(out2).set_index("job_id")["frames_sha256"].sort_index()
+    assert len(one) == len(PROMPTS) * 3
+    assert one.index.equals(two.index)
+    assert (one == two).all()
+
+
+def test_each_actor_loads_once_and_encodes_each_prompt_once(one_actor_run):
+    _, report = one_actor_run
+    (actor,) = report["actors"]
+    assert actor["model_loads"] == 1
+    assert actor["jobs"] == len(PROMPTS) * 3
+    # P prompts x S seeds: P encoder calls for the prompts, 1 for the shared default negative prompt.
+    assert actor["text_encoder_calls"] == len(PROMPTS) + 1
+    lookups = 2 * len(PROMPTS) * 3
+    assert report["embedding_cache_hit_rate"] == pytest.approx((lookups - len(PROMPTS) - 1) / lookups)
+
+
+def test_output_reads_back_with_pyarrow_and_pandas(one_actor_run):
+    out, report = one_actor_run
+    table = pq.read_table(out / "metadata")
+    df = metadata(out)
+    assert table.num_rows == len(df) == len(PROMPTS) * 3
+    assert df["job_id"].is_unique
+    assert set(df["status"]) == {"done"}
+    assert set(df["clip"]) == {"fox", "harbor", "neon"}  # passthrough column kept
+    for row in df.itertuples():
+        video = out / row.file_name
+        assert video.is_file()
+        frames = read_mp4(video)
+        assert frames.shape == (row.frames, row.height, row.width, 3)
+    assert report["counts"]["done"] == len(PROMPTS) * 3
+    reports = list((out / "runs").glob("*.json"))
+    assert len(reports) == 1
+
+
+def test_rerun_skips_every_done_job(one_actor_run, ray_session, tiny_model, sweep_manifest):
+    out, _ = one_actor_run
+    before = metadata(out).sort_values("job_id").reset_index(drop=True)
+    report = run(config(tiny_model, sweep_manifest, out, actors=1), stream=io.StringIO())
+    assert report["counts"]["skipped_done"] == len(PROMPTS) * 3
+    assert report["counts"]["rendered"] == 0
+    after = metadata(out).sort_values("job_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_failing_job_becomes_failed_row_and_others_finish(ray_session, tiny_model, tmp_path):
+    # guidance 1e38 is a valid number that overflows float32 in the guidance
+    # step: the render produces non-finite latents and must not be committed.
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        {"prompt": ["fine", "overflows", "also fine"], "guidance": [5.0, 1e38, None], "seed": [1, 2, 3]},
+    )
+    out = tmp_path / "out"
+    report = run(config(tiny_model, manifest, out, actors=1, retries=1), stream=io.StringIO())
+    df = metadata(out).set_index("prompt")
+    assert report["counts"] == report["counts"] | {"done": 2, "failed": 1, "jobs": 3}
+    failed = df.loc["overflows"]
+    assert failed["status"] == "failed"
+    assert failed["attempts"] == 2
+    assert "non-finite" in failed["error"]
+    assert pd.isna(failed["file_name"]) or not (out / failed["file_name"]).exists()
+    assert set(df.loc[["fine", "also fine"], "status"]) == {"done"}
+
+
+def test_manifest_with_bad_rows_is_refused_then_skip_invalid_renders_good_rows(ray_session, tiny_model, tmp_path):
+    manifest = write_manifest(
+        tmp_path / "m.parquet",
+        {"prompt": ["good one", "", "good two", "bad frames"], "frames": [None, None, None, 10], "seed": [0, 0, 0, 0]},
+    )
+    out = tmp_path / "out"
+    with pytest.raises(ManifestError) as refused:
+        run(config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+    message = str(refused.value)
+    assert "row 1: prompt" in message and "row 3: frames" in message
+    assert not (out / "videos").exists()
+
+    report = run(config(tiny_model, manifest, out, actors=1, skip_invalid=True), stream=io.StringIO())
+    assert report["counts"]["done"] == 2
+    assert report["counts"]["invalid_rows"] == 2
+    assert sorted(metadata(out)["prompt"]) == ["good one", "good two"]
+
+
+def ray_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def test_driver_killed_mid_run_then_rerun_renders_exactly_the_missing_jobs(ray_session, tiny_model, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", {"prompt": PROMPTS, "seed_start": [0, 0, 0], "seed_count": [4, 4, 4]})
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "pipeline.cli", "run", str(manifest), "--model", str(tiny_model),
+        "--out", str(out), "--actors", "1", "--address", ray_address(),
+    ]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("videos/*/*.json"))) < 3:
+        assert driver.poll() is None, driver.stderr.read().decode()
+        assert time.monotonic() < deadline, "no job committed in time"
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    committed = {p.stem for p in out.glob("videos/*/*.json")}
+    assert 3 <= len(committed) < 12
+
+    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300)
+    assert result.returncode == 0, result.stderr
+    df = metadata(out)
+    assert len(df) == 12 and df["job_id"].is_unique
+    assert set(df["status"]) == {"done"}
+    last_report = sorted((out / "runs").glob("*.json"))[-1].read_text()
+    import json
+
+    counts = json.loads(last_report)["counts"]
+    assert counts["skipped_done"] >= len(committed)
+    assert counts["rendered"] == 12 - counts["skipped_done"]
+    for file_name in df["file_name"]:
+        assert read_mp4(out / file_name).shape[0] == 9
