@@ -184,3 +184,18 @@ def test_driver_killed_mid_run_then_rerun_renders_exactly_the_missing_jobs(ray_s
     assert counts["rendered"] == 12 - counts["skipped_done"]
     for file_name in df["file_name"]:
         assert read_mp4(out / file_name).shape[0] == 9
+
+
+def test_status_counts_done_failed_and_pending(one_actor_run, tiny_model, sweep_manifest, tmp_path, capsys):
+    import json
+
+    from pipeline.cli import main
+
+    out, _ = one_actor_run
+    assert main(["status", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"done": 9, "failed": 0, "leftovers": 0}
+
+    bigger = write_manifest(tmp_path / "more.parquet", {"prompt": PROMPTS + ["a new prompt"], "seeds": [[0, 1, 2]] * 4})
+    assert main(["status", str(out), "--manifest", str(bigger), "--model", str(tiny_model), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts == {"done": 9, "failed": 0, "pending": 3, "invalid_rows": 0, "leftovers": 0}
