@@ -76,7 +76,11 @@ def main() -> None:
                 f"render {stats['render_s']:.2f} s, encode {stats['encode_s']:.2f} s, commit {stats['commit_s']:.2f} s, "
                 f"wall {stats['wall_s']:.2f} s -> outside rendering {100 * share:.1f}%"
             )
-        print(f"    embedding cache hit rate {report['embedding_cache_hit_rate']:.3f}")
+        steady = sum(60 * a["jobs"] / a["wall_s"] for a in report["actors"] if a["wall_s"])
+        print(
+            f"    steady state (after model load) {steady:7.1f} videos/min: x{steady / (60 * n / loop_s):.2f} the loop; "
+            f"embedding cache hit rate {report['embedding_cache_hit_rate']:.3f}"
+        )
 
 
 if __name__ == "__main__":

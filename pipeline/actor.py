@@ -1,7 +1,10 @@
 """The render actor: one resident Engine, jobs in, committed videos out.
 
 Ray's batch-inference shape: `__init__` loads the model set once and keeps
-it; `render` takes one job. A job that raises comes back as data (`ok:
+it; `render` takes one job. The actor runs two calls at once (`max_concurrency=2`, see CONCURRENCY)
+but renders one at a time: the render holds `render_lock`, and encoding and
+committing the previous job's MP4 overlaps with the next render. A job that
+raises comes back as data (`ok:
 False` with the error), never as an exception that takes the actor down;
 only a dead process (killed, out of memory) surfaces as a Ray actor error,
 which the driver handles by replacing the actor.
@@ -13,6 +16,7 @@ import hashlib
 import os
 import platform
 import socket
+import threading
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -24,6 +28,7 @@ from jobs.dataset import make_row
 from jobs.manifest import RenderJob
 from pipeline.output import OutputDir, OutputError
 
+CONCURRENCY = 2  # one job rendering, one encoding/committing
 PACKAGES = ("reelray", "torch", "ray", "av", "gguf", "numpy", "pyarrow", "pydantic")
 
 
@@ -48,6 +53,8 @@ def is_out_of_space(exc: BaseException) -> bool:
 class RenderActor:
     def __init__(self, model_files: dict[str, str], model_digest: str, out_uri: str, engine_options: dict):
         self.created_at = time.time()
+        self.render_lock = threading.Lock()
+        self.stats_lock = threading.Lock()
         self.engine = Engine(ModelSet.from_files(**model_files), **engine_options)
         self.model_loads = 1
         self.model_digest = model_digest
@@ -67,11 +74,12 @@ class RenderActor:
 
     def render(self, job: RenderJob, attempt: int) -> dict:
         started = datetime.now(timezone.utc)
-        t0 = time.perf_counter()
         encoded = None
         try:
-            result = self.engine.render(job.prompt, job.seed, job.params, job.negative_prompt)
-            t1 = time.perf_counter()
+            with self.render_lock:
+                t0 = time.perf_counter()
+                result = self.engine.render(job.prompt, job.seed, job.params, job.negative_prompt)
+                t1 = time.perf_counter()
             encoded = self.out.encode_target(job.job_id)
             write_mp4(result.frames, encoded, fps=job.params.fps)
             video_bytes = os.path.getsize(encoded)
@@ -98,10 +106,11 @@ class RenderActor:
             self.out.commit(job.job_id, encoded, row)
             encoded = None
             t3 = time.perf_counter()
-            self.jobs += 1
-            self.render_s += t1 - t0
-            self.encode_s += t2 - t1
-            self.commit_s += t3 - t2
+            with self.stats_lock:
+                self.jobs += 1
+                self.render_s += t1 - t0
+                self.encode_s += t2 - t1
+                self.commit_s += t3 - t2
             return {"ok": True, "row": row}
         except Exception as exc:  # failures are data: the driver decides on retries
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]

@@ -21,11 +21,11 @@ from typing import Any
 
 from jobs.dataset import make_row
 from jobs.manifest import ManifestError, RenderJob, load_jobs, parse_seed_range
-from pipeline.actor import RenderActor, software_versions
+from pipeline.actor import CONCURRENCY, RenderActor, software_versions
 from pipeline.output import OutputDir, OutputError
 from pipeline.progress import RunProgress
 
-QUEUE_DEPTH = 2  # jobs in flight per actor: the next one waits on the actor, not on the driver
+QUEUE_DEPTH = CONCURRENCY + 1  # jobs in flight per actor: the next one waits on the actor, not on the driver
 COMPACT_EVERY_S = 60.0
 MAX_ERRORS_SHOWN = 20
 
@@ -283,7 +283,7 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
     from ray.exceptions import GetTimeoutError, RayActorError
 
     count, request, engine_options = actor_resources(config)
-    actor_cls = ray.remote(RenderActor).options(max_restarts=0, max_task_retries=0, **request)
+    actor_cls = ray.remote(RenderActor).options(max_restarts=0, max_task_retries=0, max_concurrency=CONCURRENCY, **request)
 
     def start_actor(index: int) -> Slot:
         handle = actor_cls.remote(config.model_files, digest, out.uri, engine_options)
