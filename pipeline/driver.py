@@ -181,14 +181,17 @@ def run(config: RunConfig, stream=None) -> dict:
 
     actor_stats: list[dict] = []
     stop_reason = None
-    if pending:
-        ensure_ray(config.address)
-        try:
+    try:
+        if pending:
+            ensure_ray(config.address)
             stop_reason = render_all(config, out, models, digest, pending, done_rows, failed_rows, actor_stats, stream)
-        finally:
-            out.compact(list(done_rows.values()) + [r for k, r in failed_rows.items() if k not in done_rows])
-    else:
-        out.compact(list(done_rows.values()) + [r for k, r in failed_rows.items() if k not in done_rows])
+    finally:
+        try:
+            out.compact(all_rows(done_rows, failed_rows))
+        except OutputError as exc:
+            # The sidecars are the source of truth: the next run compacts again.
+            if stop_reason is None:
+                stop_reason = str(exc)
 
     job_ids = {job.job_id for job in jobs}
     counts = {
@@ -216,7 +219,10 @@ def run(config: RunConfig, stream=None) -> dict:
         "stopped": stop_reason,
     }
     name = started_at.strftime("%Y%m%dT%H%M%S.%fZ")
-    report_path = out.write_report(name, report)
+    try:
+        report_path = out.write_report(name, report)
+    except OSError as exc:
+        report_path = f"(not written: {exc})"
     print(
         f"reelray: done {counts['done']}/{counts['jobs']}, failed {counts['failed']}, pending {counts['pending']}"
         f" in {report['wall_s']:.1f}s; videos in {out.path('videos')}, dataset in {out.path('metadata')}, report {report_path}",
@@ -225,6 +231,11 @@ def run(config: RunConfig, stream=None) -> dict:
     if stop_reason:
         raise RunStopped(f"{stop_reason}; {counts['done']} jobs are done and intact: rerun the same command to resume")
     return report
+
+
+def all_rows(done_rows: dict[str, dict], failed_rows: dict[str, dict]) -> list[dict]:
+    """The dataset: every done job, and every failed job that is not done since."""
+    return list(done_rows.values()) + [row for job_id, row in failed_rows.items() if job_id not in done_rows]
 
 
 def previous_failures(out: OutputDir, done_rows: dict[str, dict]) -> dict[str, dict]:
@@ -249,7 +260,8 @@ def ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     else:
-        # A local instance: no dashboard to expose; Ray turns token auth on for new local clusters.
+        # A local instance: no dashboard to expose. Ray (2.59+) turns token
+        # authentication on for a new local cluster; a test holds it to that.
         ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
 
 
@@ -375,7 +387,10 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
             submit(slot)
         progress.update(len([1 for j in pending if j.job_id in done_rows]), n_failed)
         if time.monotonic() - last_compact > COMPACT_EVERY_S:
-            out.compact(list(done_rows.values()) + [r for k, r in failed_rows.items() if k not in done_rows])
+            try:
+                out.compact(all_rows(done_rows, failed_rows))
+            except OutputError as exc:
+                stop_reason = str(exc)
             last_compact = time.monotonic()
     progress.close()
 
