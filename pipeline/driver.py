@@ -136,6 +136,18 @@ class Slot:
     inflight: deque = field(default_factory=deque)  # (ref, job, attempt)
     head_started: float = 0.0
     prompt: str | None = None
+    ready_ref: Any = None  # set until the actor has loaded its model: no job timeout runs before that
+
+    def timed_out(self, timeout: float, now: float) -> bool:
+        import ray
+
+        if self.ready_ref is not None:
+            done, _ = ray.wait([self.ready_ref], timeout=0)
+            if not done:
+                return False
+            self.ready_ref = None
+            self.head_started = now
+        return bool(self.inflight) and now - self.head_started > timeout
 
 
 # -- the run ------------------------------------------------------------------
@@ -299,11 +311,11 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
 
     def start_actor(index: int) -> Slot:
         handle = actor_cls.remote(config.model_files, digest, out.uri, engine_options)
-        return Slot(index=index, handle=handle)
+        return Slot(index=index, handle=handle, ready_ref=handle.ready.remote())
 
     slots = [start_actor(i) for i in range(min(count, len(pending)))]
     try:
-        ray.get([s.handle.ready.remote() for s in slots])
+        ray.get([s.ready_ref for s in slots])
     except RayActorError as exc:
         raise RuntimeError(f"render actors could not load the model: {one_line_cause(exc)}") from None
 
@@ -352,7 +364,7 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
                 attempts[job.job_id] = attempt - 1
                 queue.push_front(job)
         fresh = start_actor(slot.index)
-        slot.handle, slot.inflight, slot.prompt = fresh.handle, deque(), None
+        slot.handle, slot.inflight, slot.prompt, slot.ready_ref = fresh.handle, deque(), None, fresh.ready_ref
 
     for slot in slots:
         submit(slot)
@@ -381,7 +393,7 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
         if config.job_timeout:
             now = time.monotonic()
             for slot in slots:
-                if slot.inflight and now - slot.head_started > config.job_timeout:
+                if slot.timed_out(config.job_timeout, now):
                     replace(slot, f"TimeoutError: job exceeded the per-job timeout of {config.job_timeout:g}s")
         for slot in slots:
             submit(slot)
