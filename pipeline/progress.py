@@ -14,7 +14,7 @@ class RunProgress:
         self.log_every = log_every
         self.width = width
         self.started = time.monotonic()
-        self.last_line = 0.0
+        self.last_line = float("-inf")
         self.done = 0
         self.failed = 0
 

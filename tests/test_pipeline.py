@@ -199,3 +199,20 @@ def test_status_counts_done_failed_and_pending(one_actor_run, tiny_model, sweep_
     assert main(["status", str(out), "--manifest", str(bigger), "--model", str(tiny_model), "--json"]) == 0
     counts = json.loads(capsys.readouterr().out)
     assert counts == {"done": 9, "failed": 0, "pending": 3, "invalid_rows": 0, "leftovers": 0}
+
+
+def test_force_rerenders_every_job_without_duplicate_rows(one_actor_run, ray_session, tiny_model, sweep_manifest, tmp_path):
+    out, _ = one_actor_run
+    before = metadata(out).set_index("job_id")["frames_sha256"].sort_index()
+    report = run(config(tiny_model, sweep_manifest, out, actors=1, force=True), stream=io.StringIO())
+    assert report["counts"]["rendered"] == len(before)
+    after = metadata(out).set_index("job_id")["frames_sha256"].sort_index()
+    assert after.equals(before)
+
+
+def test_output_given_as_a_filesystem_uri(ray_session, tiny_model, tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", {"prompt": ["uri out"], "seed": [3]})
+    report = run(config(tiny_model, f"file://{manifest}", f"file://{tmp_path / 'out'}", actors=1), stream=io.StringIO())
+    assert report["counts"]["done"] == 1
+    df = metadata(tmp_path / "out")
+    assert read_mp4(tmp_path / "out" / df["file_name"][0]).shape == (9, 64, 64, 3)
