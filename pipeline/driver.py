@@ -323,11 +323,9 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
     attempts: dict[str, int] = {}
     total = len(pending)
     progress = RunProgress(total, stream=stream, log_every=config.log_every)
-    finished = 0
     n_failed = 0
     last_compact = time.monotonic()
     stop_reason: str | None = None
-    retired: list[Any] = []
 
     def submit(slot: Slot) -> None:
         while len(slot.inflight) < QUEUE_DEPTH and stop_reason is None:
@@ -342,7 +340,7 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
             slot.inflight.append((slot.handle.render.remote(job, attempt), job, attempt))
 
     def fail_or_retry(job: RenderJob, attempt: int, error: str) -> None:
-        nonlocal finished, n_failed
+        nonlocal n_failed
         if attempt <= config.retries:
             queue.push_front(job)
             return
@@ -350,15 +348,21 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
             job, model_digest=digest, status="failed", error=error, attempts=attempt,
             software=software_versions(),
         )
-        finished += 1
         n_failed += 1
 
     def replace(slot: Slot, reason: str) -> None:
-        """The actor died or hung: its running job counts an attempt, the queued ones go back."""
+        """The actor died or hung: its running job counts an attempt, the queued ones go back.
+
+        A job the actor committed before it died (its result never arrived)
+        is taken from OUT as done, not rendered again.
+        """
         ray.kill(slot.handle, no_restart=True)
-        retired.append(slot.handle)
         for position, (_, job, attempt) in enumerate(slot.inflight):
-            if position == 0:
+            row = None if config.force else out.committed_row(job.job_id)
+            if row is not None:
+                done_rows[job.job_id] = row
+                failed_rows.pop(job.job_id, None)
+            elif position == 0:
                 fail_or_retry(job, attempt, reason)
             else:
                 attempts[job.job_id] = attempt - 1
@@ -384,7 +388,6 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
             if result["ok"]:
                 done_rows[job.job_id] = result["row"]
                 failed_rows.pop(job.job_id, None)
-                finished += 1
             elif result["out_of_space"]:
                 stop_reason = f"{config.out}: no space left on the output filesystem ({result['error']})"
                 queue.push_front(job)

@@ -132,6 +132,18 @@ class OutputDir:
             scan.done[row["job_id"]] = row
         return scan
 
+    def committed_row(self, job_id: str) -> dict | None:
+        """The job's row if it is committed and intact (used when an actor died mid-commit)."""
+        try:
+            with self.fs.open_input_stream(self.path(sidecar_relpath(job_id))) as fh:
+                row = parse_sidecar(fh.read(), sidecar_relpath(job_id))
+            video = self.fs.get_file_info(self.path(row["file_name"]))
+        except (SidecarError, OSError):
+            return None
+        if video.type != pafs.FileType.File or video.size != row.get("video_bytes"):
+            return None
+        return row
+
     def clean(self, scan: DoneScan) -> None:
         """Remove leftovers that do not count (temp files, sidecars of missing or truncated videos)."""
         for path in scan.corrupt:
