@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        # "width: must be a multiple of 16, got 100; frames: ..." instead of pydantic's page of text.
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        )
     text = str(exc) or type(exc).__name__
     return " | ".join(part.strip() for part in text.splitlines() if part.strip())
 
@@ -165,11 +173,14 @@ def cmd_render(args) -> int:
     from jobs.params import RenderParams
 
     models = model_set(args)
+    # Parameters are checked before the model loads: a typo must not cost a 14B load.
+    params = RenderParams(**{**models.render_defaults().model_dump(), **param_overrides(args)})
     engine = Engine(models, **engine_options(args))
-    params = RenderParams(**{**engine.defaults.model_dump(), **param_overrides(args)})
     bar = StepBar(sys.stderr)
-    result = engine.render(args.prompt, args.seed, params, args.negative_prompt, progress=bar.update)
-    bar.close()
+    try:
+        result = engine.render(args.prompt, args.seed, params, args.negative_prompt, progress=bar.update)
+    finally:
+        bar.close()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -18,38 +18,24 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from engine.model_set import ModelSet
 from engine.video import read_mp4
-from pipeline.driver import RunConfig, RunStopped, run
+from pipeline.driver import RunStopped, run
+from run_helpers import metadata, run_config, write_manifest
 
 REPO = Path(__file__).parents[1]
 
 
-def write_manifest(path: Path, rows: dict) -> Path:
-    pq.write_table(pa.table(rows), path)
-    return path
-
-
-def config(tiny_model, manifest, out, **overrides) -> RunConfig:
-    return RunConfig(
-        manifest=str(manifest), out=str(out), model_files=ModelSet.from_dir(tiny_model).files(), log_every=1e9, **overrides
-    )
-
-
 def frames_by_job(out: Path) -> dict[str, str]:
-    df = pd.read_parquet(out / "metadata")
+    df = metadata(out)
     assert df["job_id"].is_unique
     return dict(zip(df["job_id"], df["frames_sha256"]))
 
 
 def assert_complete_and_intact(out: Path, expected: dict[str, str]) -> None:
     """rows == jobs, no duplicates, every MP4 decodes, frames match a clean run."""
-    df = pd.read_parquet(out / "metadata")
+    df = metadata(out)
     assert len(df) == len(expected) and df["job_id"].is_unique
     assert set(df["status"]) == {"done"}
     assert dict(zip(df["job_id"], df["frames_sha256"])) == expected
@@ -79,7 +65,7 @@ def sweep(tmp_path_factory, ray_session, tiny_model):
         directory / "m.parquet", {"prompt": ["fox", "harbor", "neon"], "seed_start": [0, 0, 0], "seed_count": [4, 4, 4]}
     )
     clean = directory / "clean"
-    run(config(tiny_model, manifest, clean, actors=1), stream=io.StringIO())
+    run(run_config(tiny_model, manifest, clean, actors=1), stream=io.StringIO())
     return manifest, clean, frames_by_job(clean)
 
 
@@ -104,10 +90,10 @@ def test_actor_killed_mid_job_is_replaced_and_the_job_committed_once(ray_session
 
     killer = threading.Thread(target=kill_first_render)
     killer.start()
-    report = run(config(tiny_model, manifest, out, actors=1, retries=2), stream=io.StringIO())
+    report = run(run_config(tiny_model, manifest, out, actors=1, retries=2), stream=io.StringIO())
     killer.join()
     assert killed, "no render was caught in flight"
-    df = pd.read_parquet(out / "metadata")
+    df = metadata(out)
     assert len(df) == 4 and df["job_id"].is_unique and set(df["status"]) == {"done"}
     assert sorted(df["attempts"]) == [1, 1, 1, 2]  # exactly the killed job ran twice
     assert len(list(out.glob("videos/*/*.json"))) == 4
@@ -169,7 +155,7 @@ def test_driver_killed_at_twelve_seeded_points(sweep, tiny_model, tmp_path):
 def test_crash_leftovers_are_detected_and_rerendered(sweep, ray_session, tiny_model, tmp_path):
     manifest, clean, expected = sweep
     out = tmp_path / "out"
-    run(config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+    run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
     sidecars = sorted(out.glob("videos/*/*.json"))
     truncated_mp4, truncated_sidecar, missing_sidecar = sidecars[0], sidecars[1], sidecars[2]
     mp4 = truncated_mp4.with_suffix(".mp4")
@@ -184,7 +170,7 @@ def test_crash_leftovers_are_detected_and_rerendered(sweep, ray_session, tiny_mo
 
     assert main(["status", str(out), "--json"]) == 0
 
-    report = run(config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+    report = run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
     assert report["counts"]["rendered"] == 3
     assert report["counts"]["skipped_done"] == len(expected) - 3
     assert_complete_and_intact(out, expected)
@@ -207,7 +193,7 @@ def test_output_out_of_space_stops_cleanly_and_resumes(sweep, ray_session, tiny_
     manifest, _, expected = sweep
     out = small_disk / "out"
     with pytest.raises(RunStopped) as stopped:
-        run(config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+        run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
     assert "no space left" in str(stopped.value).lower()
     assert "rerun the same command to resume" in str(stopped.value)
     done = list(out.glob("videos/*/*.json"))
@@ -218,7 +204,7 @@ def test_output_out_of_space_stops_cleanly_and_resumes(sweep, ray_session, tiny_
         assert read_mp4(out / row["file_name"]).shape[0] == 9
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    report = run(config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+    report = run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
     assert report["counts"]["skipped_done"] == len(done)
     assert_complete_and_intact(out, expected)
 
@@ -229,8 +215,8 @@ def test_job_over_the_timeout_is_failed_and_retried(ray_session, tiny_model, tmp
         {"prompt": ["quick", "stuck", "quick too"], "steps": [1, 1000, 1], "width": [64, 256, 64], "height": [64, 256, 64], "seed": [0, 0, 0]},
     )
     out = tmp_path / "out"
-    report = run(config(tiny_model, manifest, out, actors=1, retries=1, job_timeout=6.0), stream=io.StringIO())
-    df = pd.read_parquet(out / "metadata").set_index("prompt")
+    report = run(run_config(tiny_model, manifest, out, actors=1, retries=1, job_timeout=6.0), stream=io.StringIO())
+    df = metadata(out).set_index("prompt")
     assert df.loc["stuck", "status"] == "failed"
     assert df.loc["stuck", "attempts"] == 2
     assert "timeout" in df.loc["stuck", "error"].lower()
@@ -243,7 +229,7 @@ def test_path_like_prompts_write_nothing_outside_out(ray_session, tiny_model, tm
     manifest = write_manifest(tmp_path / "m.parquet", {"prompt": prompts, "seed": [0] * len(prompts)})
     out = tmp_path / "work" / "out"
     before = {p for p in tmp_path.rglob("*")}
-    report = run(config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+    report = run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
     assert report["counts"]["done"] == len(prompts)
     created = {p for p in tmp_path.rglob("*")} - before
     assert created, "the run wrote nothing"
@@ -251,7 +237,7 @@ def test_path_like_prompts_write_nothing_outside_out(ray_session, tiny_model, tm
         rel = path.relative_to(tmp_path)
         assert rel.parts[:2] == ("work", "out") or rel == Path("work"), rel
     names = {p.name for p in out.glob("videos/*/*") if p.is_file()}
-    df = pd.read_parquet(out / "metadata")
+    df = metadata(out)
     assert names == {f"{j}.mp4" for j in df["job_id"]} | {f"{j}.json" for j in df["job_id"]}
     assert sorted(df["prompt"]) == sorted(prompts)
 

@@ -13,33 +13,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from engine.model_set import ModelSet
 from engine.video import read_mp4
 from jobs.manifest import ManifestError
-from pipeline.driver import RunConfig, run
+from pipeline.driver import run
+from run_helpers import metadata, run_config, write_manifest
 
 PROMPTS = ["a red fox in snow", "boats in a harbor at dusk", "rain on a neon street"]
-
-
-def write_manifest(path: Path, rows: dict) -> Path:
-    import pyarrow as pa
-
-    pq.write_table(pa.table(rows), path)
-    return path
-
-
-def config(tiny_model, manifest, out, **overrides) -> RunConfig:
-    return RunConfig(
-        manifest=str(manifest),
-        out=str(out),
-        model_files=ModelSet.from_dir(tiny_model).files(),
-        log_every=1000.0,
-        **overrides,
-    )
-
-
-def metadata(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / "metadata")
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +33,14 @@ def sweep_manifest(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_actor_run(ray_session, tiny_model, sweep_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("out-1-actor")
-    report = run(config(tiny_model, sweep_manifest, out, actors=1), stream=io.StringIO())
+    report = run(run_config(tiny_model, sweep_manifest, out, actors=1), stream=io.StringIO())
     return out, report
 
 
 def test_same_seed_same_frames_across_actor_counts(one_actor_run, ray_session, tiny_model, sweep_manifest, tmp_path):
     out1, _ = one_actor_run
     out2 = tmp_path / "out-2-actors"
-    report = run(config(tiny_model, sweep_manifest, out2, actors=2), stream=io.StringIO())
+    report = run(run_config(tiny_model, sweep_manifest, out2, actors=2), stream=io.StringIO())
     assert len(report["actors"]) == 2
     assert all(a["jobs"] > 0 for a in report["actors"]), "both actors should have rendered"
     one = metadata(out1).set_index("job_id")["frames_sha256"].sort_index()
@@ -103,7 +82,7 @@ def test_output_reads_back_with_pyarrow_and_pandas(one_actor_run):
 def test_rerun_skips_every_done_job(one_actor_run, ray_session, tiny_model, sweep_manifest):
     out, _ = one_actor_run
     before = metadata(out).sort_values("job_id").reset_index(drop=True)
-    report = run(config(tiny_model, sweep_manifest, out, actors=1), stream=io.StringIO())
+    report = run(run_config(tiny_model, sweep_manifest, out, actors=1), stream=io.StringIO())
     assert report["counts"]["skipped_done"] == len(PROMPTS) * 3
     assert report["counts"]["rendered"] == 0
     after = metadata(out).sort_values("job_id").reset_index(drop=True)
@@ -118,7 +97,7 @@ def test_failing_job_becomes_failed_row_and_others_finish(ray_session, tiny_mode
         {"prompt": ["fine", "overflows", "also fine"], "guidance": [5.0, 1e38, None], "seed": [1, 2, 3]},
     )
     out = tmp_path / "out"
-    report = run(config(tiny_model, manifest, out, actors=1, retries=1), stream=io.StringIO())
+    report = run(run_config(tiny_model, manifest, out, actors=1, retries=1), stream=io.StringIO())
     df = metadata(out).set_index("prompt")
     assert report["counts"] == report["counts"] | {"done": 2, "failed": 1, "jobs": 3}
     failed = df.loc["overflows"]
@@ -136,12 +115,12 @@ def test_manifest_with_bad_rows_is_refused_then_skip_invalid_renders_good_rows(r
     )
     out = tmp_path / "out"
     with pytest.raises(ManifestError) as refused:
-        run(config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+        run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
     message = str(refused.value)
     assert "row 1: prompt" in message and "row 3: frames" in message
     assert not (out / "videos").exists()
 
-    report = run(config(tiny_model, manifest, out, actors=1, skip_invalid=True), stream=io.StringIO())
+    report = run(run_config(tiny_model, manifest, out, actors=1, skip_invalid=True), stream=io.StringIO())
     assert report["counts"]["done"] == 2
     assert report["counts"]["invalid_rows"] == 2
     assert sorted(metadata(out)["prompt"]) == ["good one", "good two"]
@@ -204,7 +183,7 @@ def test_status_counts_done_failed_and_pending(one_actor_run, tiny_model, sweep_
 def test_force_rerenders_every_job_without_duplicate_rows(one_actor_run, ray_session, tiny_model, sweep_manifest, tmp_path):
     out, _ = one_actor_run
     before = metadata(out).set_index("job_id")["frames_sha256"].sort_index()
-    report = run(config(tiny_model, sweep_manifest, out, actors=1, force=True), stream=io.StringIO())
+    report = run(run_config(tiny_model, sweep_manifest, out, actors=1, force=True), stream=io.StringIO())
     assert report["counts"]["rendered"] == len(before)
     after = metadata(out).set_index("job_id")["frames_sha256"].sort_index()
     assert after.equals(before)
@@ -212,7 +191,7 @@ def test_force_rerenders_every_job_without_duplicate_rows(one_actor_run, ray_ses
 
 def test_output_given_as_a_filesystem_uri(ray_session, tiny_model, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", {"prompt": ["uri out"], "seed": [3]})
-    report = run(config(tiny_model, f"file://{manifest}", f"file://{tmp_path / 'out'}", actors=1), stream=io.StringIO())
+    report = run(run_config(tiny_model, f"file://{manifest}", f"file://{tmp_path / 'out'}", actors=1), stream=io.StringIO())
     assert report["counts"]["done"] == 1
     df = metadata(tmp_path / "out")
     assert read_mp4(tmp_path / "out" / df["file_name"][0]).shape == (9, 64, 64, 3)
