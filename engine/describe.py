@@ -24,9 +24,12 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
             "file_bytes": Path(path).stat().st_size,
         }
         if f.kind == "wan_dit":
-            from engine.wan.dit import config_name, infer_config
+            from engine.wan.dit import ModelConfigError, config_name, infer_config
 
-            config = infer_config({name: f.shape(name) for name in f.tensor_names}, f.metadata)
+            try:
+                config = infer_config({name: f.shape(name) for name in f.tensor_names}, f.metadata)
+            except ModelConfigError as err:
+                raise ModelConfigError(f"{path}: {err}") from None
             info["config"] = {
                 "name": config_name(config),
                 "dim": config.dim,

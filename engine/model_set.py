@@ -122,7 +122,7 @@ def _safetensors_names(path: Path) -> list[str]:
             raise ModelSetError(f"{path}: not a safetensors file (header length {size})")
         try:
             header = json.loads(fh.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ModelSetError(f"{path}: not a safetensors file ({exc})") from None
     if not isinstance(header, dict):
         raise ModelSetError(f"{path}: not a safetensors file (header is not an object)")

@@ -35,6 +35,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 8
+MAX_ARRAY_DEPTH = 8  # arrays of arrays: gguf-py reads any depth, llama.cpp none; each level is a Python call here
 
 # Names in some community files carry the ComfyUI state-dict prefix.
 NAME_PREFIX = "model.diffusion_model."
@@ -121,7 +122,7 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise GGUFFormatError(self.path, f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:
             vtype = GGUFValueType(vtype)
         except ValueError:
@@ -129,10 +130,12 @@ class _Cursor:
         if vtype == GGUFValueType.STRING:
             return self.string(what)
         if vtype == GGUFValueType.ARRAY:
-            return self.array(what)
+            return self.array(what, depth)
         return self.scalar(_SCALAR_FORMATS[vtype], what)
 
-    def array(self, what: str) -> list[Any]:
+    def array(self, what: str, depth: int = 0) -> list[Any]:
+        if depth >= MAX_ARRAY_DEPTH:
+            raise GGUFFormatError(self.path, f"{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep")
         item_type = self.scalar("<I", f"element type of {what}")
         count = self.scalar("<Q", f"length of {what}")
         try:
@@ -148,7 +151,7 @@ class _Cursor:
             return items
         min_item = _STRING_MIN_BYTES if item_type == GGUFValueType.STRING else _ARRAY_MIN_BYTES
         self.need(count * min_item, f"{count} elements of {what}")
-        return [self.value(item_type, f"{what}[{i}]") for i in range(count)]
+        return [self.value(item_type, f"{what}[{i}]", depth + 1) for i in range(count)]
 
 
 class GGUFFile:

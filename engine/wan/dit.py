@@ -160,11 +160,17 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, A
         raise ModelConfigError(
             f"tensor 'head.head.weight' has {head_out} rows, not a multiple of the patch volume {patch_size}"
         )
-    num_layers = 1 + max(int(m.group(1)) for name in shapes if (m := _BLOCK.match(name)))
+    blocks = sorted({int(m.group(1)) for name in shapes if (m := _BLOCK.match(name))})
+    if blocks != list(range(len(blocks))):  # before planning blocks.0..blocks.<largest index>
+        gap = next(i for i, b in enumerate(blocks) if i != b)
+        raise ModelConfigError(f"block indices run to {blocks[-1]} but 'blocks.{gap}.*' is missing")
+    num_layers = len(blocks)
 
     head_count = (metadata or {}).get(HEAD_COUNT_KEY)
     if head_count is not None:
-        num_heads = int(head_count)
+        if type(head_count) is not int:
+            raise ModelConfigError(f"metadata {HEAD_COUNT_KEY!r} = {head_count!r} is not an integer")
+        num_heads = head_count
     elif dim % HEAD_DIM == 0:
         num_heads = dim // HEAD_DIM
     else:

@@ -84,14 +84,22 @@ def infer_config(shapes: Mapping[str, Sequence[int]]) -> UMT5Config:
     num_buckets, heads = shape("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
     inner, _ = shape("encoder.block.0.layer.0.SelfAttention.q.weight")
     ffn_dim, _ = shape("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
-    blocks = {int(m.group(1)) for name in shapes if (m := _BLOCK_NAME.match(name))}
+    blocks = sorted({int(m.group(1)) for name in shapes if (m := _BLOCK_NAME.match(name))})
+    if blocks != list(range(len(blocks))):  # before building encoder.block.0..<largest index>
+        gap = next(i for i, b in enumerate(blocks) if i != b)
+        raise TextEncoderError(f"encoder block indices run to {blocks[-1]} but 'encoder.block.{gap}.*' is missing")
+    if min(vocab, dim, num_buckets, heads, inner, ffn_dim) <= 0:
+        raise TextEncoderError(
+            f"an axis of size 0: vocab {vocab}, dim {dim}, {num_buckets} buckets x {heads} heads, "
+            f"q width {inner}, ffn {ffn_dim}"
+        )
     if inner % heads:
         raise TextEncoderError(
             f"q projection width {inner} is not a multiple of the {heads} heads of the position bias"
         )
     return UMT5Config(
         vocab=vocab, dim=dim, heads=heads, head_dim=inner // heads, ffn_dim=ffn_dim,
-        num_layers=max(blocks) + 1, num_buckets=num_buckets,
+        num_layers=len(blocks), num_buckets=num_buckets,
     )
 
 

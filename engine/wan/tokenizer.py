@@ -90,15 +90,6 @@ def gguf_tokenizer_metadata(model_proto: bytes, vocab_size: int | None = None) -
     return metadata
 
 
-def _as_bytes(value: Any) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    # an array of small ints (numpy or list): llama.cpp writes UINT8
-    return bytes(bytearray(int(v) for v in value))
-
-
 def _model_proto_from_metadata(meta: Mapping[str, Any], source: str) -> sp_pb2.ModelProto:
     def get(key: str) -> Any:
         if _KEY + key not in meta:
@@ -109,7 +100,16 @@ def _model_proto_from_metadata(meta: Mapping[str, Any], source: str) -> sp_pb2.M
         raise TokenizerError(
             f"{source}: tokenizer.ggml.model is {get('model')!r}, expected 't5' (SentencePiece unigram)"
         )
-    tokens, scores, types = list(get("tokens")), list(get("scores")), list(get("token_type"))
+
+    def array(key: str, kind: type | tuple[type, ...], what: str) -> list[Any]:
+        value = get(key)
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise TokenizerError(f"{source}: {_KEY + key} must be an array of {what}")
+        return value
+
+    tokens = array("tokens", str, "strings")
+    scores = array("scores", (int, float), "numbers")
+    types = array("token_type", int, "integers")
     if not len(tokens) == len(scores) == len(types):
         raise TokenizerError(
             f"{source}: {len(tokens)} tokens, {len(scores)} scores and {len(types)} token types do not match"
@@ -120,17 +120,17 @@ def _model_proto_from_metadata(meta: Mapping[str, Any], source: str) -> sp_pb2.M
         if int(kind) not in _PIECE_TYPES:
             raise TokenizerError(f"{source}: token {i} has unknown token type {kind}")
         piece = proto.pieces.add()
-        piece.piece = _as_bytes(token).decode("utf-8")
+        piece.piece = token
         piece.score = float(score)
         piece.type = _PIECE_TYPES[int(kind)]
 
     def special(key: str, expected: int) -> int:
         if _KEY + key not in meta:
             return -1
-        piece_id = int(meta[_KEY + key])
-        if not 0 <= piece_id < len(tokens) or proto.pieces[piece_id].type != expected:
+        piece_id = meta[_KEY + key]
+        if type(piece_id) is not int or not 0 <= piece_id < len(tokens) or proto.pieces[piece_id].type != expected:
             kind = sp_pb2.ModelProto.SentencePiece.Type.Name(expected)
-            raise TokenizerError(f"{source}: {_KEY + key} = {piece_id} is not a {kind} token")
+            raise TokenizerError(f"{source}: {_KEY + key} = {piece_id!r} is not a {kind} token")
         return piece_id
 
     trainer = proto.trainer_spec
@@ -156,9 +156,13 @@ def _model_proto_from_metadata(meta: Mapping[str, Any], source: str) -> sp_pb2.M
 
     normalizer = proto.normalizer_spec
     charsmap = meta.get(_KEY + "precompiled_charsmap")
-    if charsmap is not None and len(charsmap):
+    # llama.cpp reads a UINT8 or an INT8 array (an INT8 element b is the byte b & 0xFF)
+    if charsmap is not None and not (isinstance(charsmap, list)
+                                     and all(type(b) is int and -128 <= b <= 255 for b in charsmap)):
+        raise TokenizerError(f"{source}: {_KEY}precompiled_charsmap must be an array of bytes (UINT8 or INT8)")
+    if charsmap:
         normalizer.name = "nmt_nfkc"  # informational: the charsmap itself drives normalization
-        normalizer.precompiled_charsmap = _as_bytes(charsmap)
+        normalizer.precompiled_charsmap = bytes(b & 0xFF for b in charsmap)
     else:
         normalizer.name = "identity"
     normalizer.add_dummy_prefix = bool(meta.get(_KEY + "add_space_prefix", True))

@@ -274,7 +274,10 @@ def infer_config(shapes: Mapping[str, Sequence[int]]) -> WanVAEConfig:
     def shape(name: str) -> tuple[int, ...]:
         if name not in shapes:
             raise VAEError(f"missing tensor {name!r} (needed to infer the VAE size)")
-        return tuple(shapes[name])
+        found = tuple(shapes[name])
+        if len(found) < 2 or min(found) <= 0:
+            raise VAEError(f"tensor {name!r} has shape {list(found)}, not a convolution weight")
+        return found
 
     z_dim = shape("decoder.conv1.weight")[1]
     if z_dim != len(LATENT_MEAN):
@@ -286,6 +289,10 @@ def infer_config(shapes: Mapping[str, Sequence[int]]) -> WanVAEConfig:
     num_res_blocks = upsampler_indices[0] - 1
     stride = num_res_blocks + 2  # residual blocks + 1, then the upsampler
     num_stages = len(upsampler_indices) + 1
+    # Every residual block holds tensors: a far upsampler index must not plan millions of them.
+    if num_res_blocks < 0 or (num_res_blocks + 1) * num_stages > len(shapes):
+        raise VAEError(f"the first upsampler is decoder.upsamples.{upsampler_indices[0]}: "
+                       f"{num_stages} stages of {num_res_blocks + 1} residual blocks cannot come from {len(shapes)} tensors")
     widths = [shape(f"decoder.upsamples.{k * stride}.residual.2.weight")[0] for k in range(num_stages)]
     temperal_upsample = [any(name.startswith(f"decoder.upsamples.{k * stride + num_res_blocks + 1}.time_conv.")
                              for name in shapes) for k in range(num_stages - 1)]
