@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.reelray-installed
 
-.PHONY: test test-slow demo bench clean
+.PHONY: test test-slow demo bench reliability clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/dequant.py
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/pipeline.py
+
+reliability: $(STAMP)
+	$(BIN)/python bench/reliability.py
 
 clean:
 	rm -rf demo-out demo-model .pytest_cache .hypothesis
