@@ -79,9 +79,16 @@ def fault_rows(quick: bool) -> list[Row]:
     sweep = (manifest, sweep_dir / "clean", faults.frames_by_job(sweep_dir / "clean"))
 
     kills = 3 if quick else 12
+    # A longer sweep for the kills (3 prompts x 8 seeds), so they land all through the run.
+    long_dir = fresh("long-sweep", 0)
+    long_manifest = write_manifest(
+        long_dir / "m.parquet", {"prompt": ["fox", "harbor", "neon"], "seed_start": [0, 0, 0], "seed_count": [8, 8, 8]}
+    )
+    run(run_config(tiny, long_manifest, long_dir / "clean", actors=1), stream=io.StringIO())
+    long_sweep = (long_manifest, long_dir / "clean", faults.frames_by_job(long_dir / "clean"))
     start = time.monotonic()
     try:
-        committed = faults.check_driver_kills(sweep, tiny, fresh("driver-kill", 0), seed=2026, kills=kills)
+        committed = faults.check_driver_kills(long_sweep, tiny, fresh("driver-kill", 0), seed=2026, kills=kills)
         passed, outcome = kills, (
             "each time the same command resumed; at the end rows == jobs, no duplicates, every MP4 decodes, "
             f"frames_sha256 == a clean run's; jobs committed at the successive kills: {committed}"

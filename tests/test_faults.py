@@ -127,7 +127,7 @@ def driver_command(manifest: Path, tiny_model: Path, out: Path) -> list[str]:
 def driver_kill_schedule(seed: int, kills: int) -> list[float]:
     """Seeded kill delays spread over start-up (imports, Ray connect, model load) and rendering."""
     rng = random.Random(seed)
-    return [round(rng.uniform(1.0, 9.0), 2) for _ in range(kills)]
+    return [round(rng.uniform(1.0, 5.0), 2) for _ in range(kills)]
 
 
 def check_driver_kills(sweep, tiny_model, tmp_path, seed: int, kills: int) -> list[int]:
