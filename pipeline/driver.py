@@ -314,8 +314,11 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
         return Slot(index=index, handle=handle, ready_ref=handle.ready.remote())
 
     slots = [start_actor(i) for i in range(min(count, len(pending)))]
+    # Wait for the first actor only: a model that cannot load fails here, in
+    # one line; the others take their jobs as soon as they are ready.
     try:
-        ray.get([s.ready_ref for s in slots])
+        first, _ = ray.wait([s.ready_ref for s in slots], num_returns=1)
+        ray.get(first)
     except RayActorError as exc:
         raise RuntimeError(f"render actors could not load the model: {one_line_cause(exc)}") from None
 
