@@ -62,6 +62,19 @@ OUTCOMES: Counter[tuple[str, str]] = Counter()
 
 U64_MAX = 2**64 - 1
 U32_MAX = 2**32 - 1
+# What reading a file may allocate, as tracemalloc sees it (Python objects and
+# numpy buffers, so the dequantized outputs too): at most 32 bytes per byte of
+# the file plus 1 MiB. A metadata array becomes a list (8-byte pointers, and
+# objects for values outside the small-int cache); a Q2_K block's 84 bytes
+# become 1 kB of float32. A size read from a header must never count.
+BYTES_PER_FILE_BYTE = 32
+SLACK = 1 << 20
+
+
+def assert_allocation_bounded(peak: int, file_bytes: int, what: str) -> None:
+    assert peak <= BYTES_PER_FILE_BYTE * file_bytes + SLACK, f"{what}: {peak} bytes traced for a {file_bytes}-byte file"
+
+
 SEED = 20250225
 
 

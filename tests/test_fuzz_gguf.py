@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from engine.gguf import GGUFFile, GGUFFormatError, UnsupportedQuantType
 from engine.wan.dit import HEAD_COUNT_KEY, ModelConfigError, load_dit
 from fuzz_cases import (
+    assert_allocation_bounded,
     GGUF_ALLOWED,
     GGUF_BASE_METADATA,
     OUTCOMES,
@@ -56,13 +57,6 @@ from fuzz_cases import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# What reading a file may allocate, as tracemalloc sees it (Python objects and
-# numpy buffers, so the dequantized outputs too): at most 32 bytes per byte of
-# the file plus 1 MiB. A metadata array becomes a list (8-byte pointers, and
-# objects for values outside the small-int cache); a Q2_K block's 84 bytes
-# become 1 kB of float32. A size read from the header must never count.
-BYTES_PER_FILE_BYTE = 32
-SLACK = 1 << 20
 
 
 class Bases(list):
@@ -184,7 +178,7 @@ def test_stacked_mutations_raise_only_gguf_errors_and_allocate_in_proportion(bas
         tracemalloc.stop()
     OUTCOMES["gguf/hypothesis", name] += 1
     assert name in GGUF_ALLOWED, f"{labels}: {name}: {message}"
-    assert peak <= BYTES_PER_FILE_BYTE * len(data) + SLACK, f"{labels}: {peak} bytes for a {len(data)}-byte file"
+    assert_allocation_bounded(peak, len(data), str(labels))
 
 
 def test_arrays_nested_deeper_than_the_stack_are_a_format_error(tmp_path):
@@ -237,7 +231,7 @@ def test_load_dit_block_index_far_beyond_the_others_allocates_in_proportion(dit)
         tracemalloc.stop()
     assert name == "ModelConfigError", message
     size = path.stat().st_size
-    assert peak <= BYTES_PER_FILE_BYTE * size + SLACK, f"{peak} bytes traced for a {size}-byte file"
+    assert_allocation_bounded(peak, size, "the crafted file")
 
 
 def _address_space_limit() -> Callable[[], None]:

@@ -35,6 +35,7 @@ from engine.model_set import ModelSetError, file_role
 from engine.wan.t5 import TextEncoderError, load_text_encoder
 from engine.wan.vae import VAEError, load_vae
 from fuzz_cases import (
+    assert_allocation_bounded,
     FILE_ROLE_ALLOWED,
     OUTCOMES,
     TEXT_ENCODER_ALLOWED,
@@ -58,8 +59,6 @@ from fuzz_cases import (
     write_safetensors,
 )
 
-BYTES_PER_FILE_BYTE = 32  # what loading may allocate (tracemalloc: Python objects, numpy) per file byte
-SLACK = 1 << 20
 
 
 class Bases(dict):
@@ -168,7 +167,7 @@ def test_stacked_mutations_raise_only_the_loaders_errors(bases, n_edits, scratch
             tracemalloc.stop()
         OUTCOMES[f"{base}/hypothesis", name] += 1
         assert name in ok, f"{fn.__name__}: {labels}: {name}: {message}"
-        assert peak <= BYTES_PER_FILE_BYTE * len(data) + SLACK, f"{fn.__name__}: {labels}: {peak} bytes"
+        assert_allocation_bounded(peak, len(data), f"{fn.__name__}: {labels}")
 
 
 # --- minimal reproducers of what the campaign found ---------------------------------
@@ -238,7 +237,7 @@ def test_loading_allocates_in_proportion_to_the_file(bases, tmp_path, case):
         tracemalloc.stop()
     assert name == ("ok" if case == base else error.__name__), message
     size = path.stat().st_size
-    assert peak <= BYTES_PER_FILE_BYTE * size + SLACK, f"{peak} bytes traced for a {size}-byte file"
+    assert_allocation_bounded(peak, size, "the crafted file")
 
 
 @pytest.mark.slow
