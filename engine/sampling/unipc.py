@@ -66,17 +66,22 @@ class UniPCSolver:
         self._next_index += 1
         return self._predict(sample, i, order)
 
-    def _predict(self, x: torch.Tensor, i: int, order: int) -> torch.Tensor:
-        """UniP-B(h) from σ_i (s0) to σ_{i+1} (t), using x0 estimates at steps i and i - 1."""
-        sigma_s0, sigma_t = self.sigmas[i], self.sigmas[i + 1]
+    def _first_order(self, x: torch.Tensor, s0: int, t: int):
+        """The terms predictor and corrector share: step sizes, the "bh2" B(h), and the first-order update from σ_s0 to σ_t."""
+        sigma_s0, sigma_t = self.sigmas[s0], self.sigmas[t]
         alpha_t = 1 - sigma_t
         h = _log_snr(sigma_t) - _log_snr(sigma_s0)
         hh = -h  # x0-prediction integrates over -h
         h_phi_1 = torch.expm1(hh)
         B_h = torch.expm1(hh)  # "bh2"
+        x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * self._x0_history[-1]
+        return h, hh, h_phi_1, B_h, alpha_t, x_t
 
+    def _predict(self, x: torch.Tensor, i: int, order: int) -> torch.Tensor:
+        """UniP-B(h) from σ_i (s0) to σ_{i+1} (t), using x0 estimates at steps i and i - 1."""
+        sigma_s0 = self.sigmas[i]
+        h, hh, h_phi_1, B_h, alpha_t, x_t = self._first_order(x, i, i + 1)
         m0 = self._x0_history[-1]
-        x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
         if order == 2:
             r1 = (_log_snr(self.sigmas[i - 1]) - _log_snr(sigma_s0)) / h
             D1 = (self._x0_history[-2] - m0) / r1
@@ -88,16 +93,10 @@ class UniPCSolver:
         """UniC-B(h): x_i re-derived from x_{i-1} (s0) with x0 estimates at i - 1, i - 2 and the new one at i."""
         x = self._last_sample
         order = self._last_order
-        sigma_s0, sigma_t = self.sigmas[i - 1], self.sigmas[i]
-        alpha_t = 1 - sigma_t
-        h = _log_snr(sigma_t) - _log_snr(sigma_s0)
-        hh = -h  # x0-prediction integrates over -h
-        h_phi_1 = torch.expm1(hh)
-        B_h = torch.expm1(hh)  # "bh2"
-
+        sigma_s0 = self.sigmas[i - 1]
+        h, hh, h_phi_1, B_h, alpha_t, x_t = self._first_order(x, i - 1, i)
         m0 = self._x0_history[-1]
         D1_t = model_t - m0
-        x_t = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
         if order == 1:
             return x_t - alpha_t * B_h * (0.5 * D1_t)
 
