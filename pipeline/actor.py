@@ -1,13 +1,15 @@
 """The render actor: one resident Engine, jobs in, committed videos out.
 
 Ray's batch-inference shape: `__init__` loads the model set once and keeps
-it; `render` takes one job. The actor runs two calls at once (`max_concurrency=2`, see CONCURRENCY)
-but renders one at a time: the render holds `render_lock`, and encoding and
-committing the previous job's MP4 overlaps with the next render. A job that
-raises comes back as data (`ok:
-False` with the error), never as an exception that takes the actor down;
-only a dead process (killed, out of memory) surfaces as a Ray actor error,
-which the driver handles by replacing the actor.
+it; `render` takes one job. The actor runs CONCURRENCY calls at once, one
+thread per job the driver keeps in flight, but renders one at a time and in
+the order the driver numbered them (`seq`): encoding and committing a job's
+MP4 overlaps with the next render, and the oldest job in flight is always
+the one rendering or encoding, which is what the driver's per-job timeout
+measures. A job that raises comes back as data (`ok: False` with the
+error), never as an exception that takes the actor down; only a dead
+process (killed, out of memory) surfaces as a Ray actor error, which the
+driver handles by replacing the actor.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from jobs.dataset import make_row
 from jobs.manifest import RenderJob
 from pipeline.output import OutputDir, OutputError
 
-CONCURRENCY = 2  # one job rendering, one encoding/committing
+CONCURRENCY = 3  # threads: one job rendering, the one before it encoding, the next one waiting its turn
 PACKAGES = ("reelray", "torch", "ray", "av", "gguf", "numpy", "pyarrow", "pydantic")
 
 
@@ -53,7 +55,8 @@ def is_out_of_space(exc: BaseException) -> bool:
 class RenderActor:
     def __init__(self, model_files: dict[str, str], model_digest: str, out_uri: str, engine_options: dict):
         self.created_at = time.time()
-        self.render_lock = threading.Lock()
+        self.turn = threading.Condition()
+        self.next_seq = 0  # the `seq` whose render goes next
         self.stats_lock = threading.Lock()
         self.engine = Engine(ModelSet.from_files(**model_files), **engine_options)
         self.model_loads = 1
@@ -72,14 +75,19 @@ class RenderActor:
     def ready(self) -> str:
         return self.actor_name
 
-    def render(self, job: RenderJob, attempt: int) -> dict:
-        started = datetime.now(timezone.utc)
+    def render(self, job: RenderJob, attempt: int, seq: int) -> dict:
+        """Render, encode and commit one job; `seq` numbers this actor's calls 0, 1, 2, ... in submission order."""
         encoded = None
         try:
-            with self.render_lock:
+            with self.turn:
+                self.turn.wait_for(lambda: self.next_seq == seq)
+            try:  # the next call's render starts as soon as this one's ends, raised or not
+                started = datetime.now(timezone.utc)
                 t0 = time.perf_counter()
                 result = self.engine.render(job.prompt, job.seed, job.params, job.negative_prompt)
                 t1 = time.perf_counter()
+            finally:
+                self._next_turn()
             encoded = self.out.encode_target(job.job_id)
             write_mp4(result.frames, encoded, fps=job.params.fps)
             video_bytes = os.path.getsize(encoded)
@@ -122,6 +130,11 @@ class RenderActor:
                 except OSError:
                     pass
             self.last_done_at = time.time()
+
+    def _next_turn(self) -> None:
+        with self.turn:
+            self.next_seq += 1
+            self.turn.notify_all()
 
     def stats(self) -> dict:
         cache = self.engine.embeddings

@@ -25,7 +25,7 @@ from pipeline.actor import CONCURRENCY, RenderActor, software_versions
 from pipeline.output import OutputDir, OutputError
 from pipeline.progress import RunProgress
 
-QUEUE_DEPTH = CONCURRENCY + 1  # jobs in flight per actor: the next one waits on the actor, not on the driver
+QUEUE_DEPTH = CONCURRENCY  # jobs in flight per actor, each on its own actor thread: the next one waits on the actor, not on the driver
 COMPACT_EVERY_S = 60.0
 MAX_ERRORS_SHOWN = 20
 
@@ -129,12 +129,18 @@ class PromptQueue:
 
 @dataclass
 class Slot:
-    """One actor and the jobs submitted to it, oldest first."""
+    """One actor and the jobs submitted to it, oldest first.
+
+    The actor renders its jobs in the order submitted (`seq`), so the oldest
+    job in flight is the one rendering (or encoding what it rendered): the
+    per-job timeout runs from the moment it became the oldest.
+    """
 
     index: int
     handle: Any
     inflight: deque = field(default_factory=deque)  # (ref, job, attempt)
     head_started: float = 0.0
+    submitted: int = 0  # calls made to this actor: the next call's seq
     prompt: str | None = None
     ready_ref: Any = None  # set until the actor has loaded its model: no job timeout runs before that
 
@@ -340,7 +346,8 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
             slot.prompt = job.prompt
             if not slot.inflight:
                 slot.head_started = time.monotonic()
-            slot.inflight.append((slot.handle.render.remote(job, attempt), job, attempt))
+            slot.inflight.append((slot.handle.render.remote(job, attempt, slot.submitted), job, attempt))
+            slot.submitted += 1
 
     def fail_or_retry(job: RenderJob, attempt: int, error: str) -> None:
         nonlocal n_failed
@@ -371,7 +378,7 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
                 attempts[job.job_id] = attempt - 1
                 queue.push_front(job)
         fresh = start_actor(slot.index)
-        slot.handle, slot.inflight, slot.prompt, slot.ready_ref = fresh.handle, deque(), None, fresh.ready_ref
+        slot.handle, slot.inflight, slot.prompt, slot.ready_ref, slot.submitted = fresh.handle, deque(), None, fresh.ready_ref, 0
 
     for slot in slots:
         submit(slot)
