@@ -210,17 +210,20 @@ def test_output_out_of_space_stops_cleanly_and_resumes(sweep, ray_session, tiny_
 
 
 def test_job_over_the_timeout_is_failed_and_retried(ray_session, tiny_model, tmp_path):
+    # "stuck" needs ~25 min here; the quick jobs ~0.2 s, so 10 s leaves them room on a loaded machine.
+    # The actor renders in submission order, so the timeout falls on "stuck", never on a quick job queued behind it.
     manifest = write_manifest(
         tmp_path / "m.parquet",
         {"prompt": ["quick", "stuck", "quick too"], "steps": [1, 1000, 1], "width": [64, 512, 64], "height": [64, 512, 64], "seed": [0, 0, 0]},
     )
     out = tmp_path / "out"
-    report = run(run_config(tiny_model, manifest, out, actors=1, retries=1, job_timeout=5.0), stream=io.StringIO())
+    report = run(run_config(tiny_model, manifest, out, actors=1, retries=1, job_timeout=10.0), stream=io.StringIO())
     df = metadata(out).set_index("prompt")
     assert df.loc["stuck", "status"] == "failed"
     assert df.loc["stuck", "attempts"] == 2
     assert "timeout" in df.loc["stuck", "error"].lower()
     assert set(df.loc[["quick", "quick too"], "status"]) == {"done"}
+    assert set(df.loc[["quick", "quick too"], "attempts"]) == {1}
     assert report["counts"]["failed"] == 1
 
 
