@@ -2,7 +2,9 @@
 
     OUT/videos/ab/<job_id>.mp4    the video        (temp name, then renamed: first)
     OUT/videos/ab/<job_id>.json   its metadata row (temp name, then renamed: the commit marker)
-    OUT/metadata/part-0.parquet   every job's row, compacted from the sidecars
+    OUT/metadata/part-0.parquet   every job's row (done and failed), compacted from the sidecars
+    OUT/metadata.parquet          the done rows only: the metadata file Hugging Face `videofolder`
+                                  looks for, `file_name` relative to OUT, so every row has its video
     OUT/runs/<timestamp>.json     one report per run
 
 A job is done when its sidecar parses and names an MP4 that exists with the
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -30,6 +33,7 @@ from jobs.identity import sidecar_relpath, video_relpath
 
 TMP_PREFIX = ".tmp-"
 METADATA_FILE = "metadata/part-0.parquet"
+VIDEOFOLDER_FILE = "metadata.parquet"  # the name `datasets`' folder builders look for (csv / jsonl / parquet)
 
 
 class OutputError(RuntimeError):
@@ -158,9 +162,17 @@ class OutputDir:
             return None
 
     def compact(self, rows: list[dict]) -> None:
-        """Write every row (done and failed) as the metadata dataset, atomically replacing the last one."""
+        """Write every row (done and failed) as the metadata dataset, and the done ones as the videofolder index.
+
+        Each file atomically replaces the last one; the sidecars stay the
+        source of truth, so a crash between the two loses nothing.
+        """
         table = rows_to_table(rows)
-        final = self.path(METADATA_FILE)
+        self._write_table(table, METADATA_FILE)
+        self._write_table(table.filter(pc.equal(table["status"], "done")), VIDEOFOLDER_FILE)
+
+    def _write_table(self, table: pa.Table, relpath: str) -> None:
+        final = self.path(relpath)
         tmp = self._tmp_name(final)
         try:
             self.fs.create_dir(posixpath.dirname(final), recursive=True)
@@ -168,7 +180,7 @@ class OutputDir:
             self.fs.move(tmp, final)
         except OSError as exc:
             self._remove_quietly(tmp)
-            raise OutputError(f"{self.uri}: cannot write the metadata dataset: {exc}") from exc
+            raise OutputError(f"{self.uri}: cannot write {relpath}: {exc}") from exc
 
     def write_report(self, name: str, report: dict) -> str:
         path = self.path(f"runs/{name}.json")

@@ -79,6 +79,32 @@ def test_output_reads_back_with_pyarrow_and_pandas(one_actor_run):
     assert len(reports) == 1
 
 
+def test_output_reads_back_with_ray_data(one_actor_run, ray_session):
+    import ray.data
+
+    out, _ = one_actor_run
+    rows = ray.data.read_parquet(str(out / "metadata")).take_all()
+    assert sorted(r["job_id"] for r in rows) == sorted(metadata(out)["job_id"])
+    assert all((out / r["file_name"]).is_file() for r in rows)
+
+
+def test_output_loads_as_a_hugging_face_videofolder(one_actor_run):
+    import datasets
+
+    out, _ = one_actor_run
+    ds = datasets.load_dataset("videofolder", data_dir=str(out), split="train")
+    # Decoding needs torchcodec, which reelray does not install: the paths are what we check.
+    ds = ds.cast_column("video", datasets.Video(decode=False))
+    df = metadata(out).set_index("job_id")
+    assert len(ds) == len(df)
+    assert "label" not in ds.column_names  # the metadata file was found (without it, folders become labels)
+    for sample in ds:
+        row = df.loc[sample["job_id"]]
+        assert Path(sample["video"]["path"]).resolve() == (out / row["file_name"]).resolve()
+        assert sample["prompt"] == row["prompt"] and sample["seed"] == row["seed"] and sample["clip"] == row["clip"]
+        assert sample["frames_sha256"] == row["frames_sha256"]
+
+
 def test_rerun_skips_every_done_job(one_actor_run, ray_session, tiny_model, sweep_manifest):
     out, _ = one_actor_run
     before = metadata(out).sort_values("job_id").reset_index(drop=True)
@@ -106,6 +132,8 @@ def test_failing_job_becomes_failed_row_and_others_finish(ray_session, tiny_mode
     assert "non-finite" in failed["error"]
     assert pd.isna(failed["file_name"]) or not (out / failed["file_name"]).exists()
     assert set(df.loc[["fine", "also fine"], "status"]) == {"done"}
+    # The videofolder index holds only the rows that have a video.
+    assert sorted(pd.read_parquet(out / "metadata.parquet")["prompt"]) == ["also fine", "fine"]
 
 
 def test_manifest_with_bad_rows_is_refused_then_skip_invalid_renders_good_rows(ray_session, tiny_model, tmp_path):
