@@ -13,7 +13,7 @@ from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 from torch import nn
 
 from engine.gguf import GGUFFile, GGUFFormatError, write_gguf
-from engine.gguf.linear import QuantizedLinear, load_gguf_into
+from engine.gguf.linear import QuantizedEmbedding, QuantizedLinear, load_gguf_into
 
 # Byte offsets of the float16 scales in each block (ggml-common.h).
 F16_SCALE_OFFSETS = {Q.Q4_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,), Q.Q5_K: (0, 2)}
@@ -68,6 +68,53 @@ def test_quantized_linear_without_bias_and_its_buffers():
     x = torch.randn(2, 64)
     assert torch.equal(layer(x), x @ layer.dequantized_weight().T)
     assert "Q8_0" in repr(layer)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_1, Q.Q4_K, Q.Q6_K, Q.IQ4_XS], ids=lambda t: t.name)
+def test_quantized_embedding_rows_equal_the_dequantized_table(qtype: Q):
+    rng = np.random.default_rng(2)
+    vocab, dim = 97, 512
+    if qtype in F16_SCALE_OFFSETS:
+        raw = raw_blocks(qtype, vocab, dim, rng)
+    else:
+        raw = gguf_quantize(rng.standard_normal((vocab, dim)).astype(np.float32), qtype)
+    table = reference_weight(raw, qtype, (vocab, dim))
+    flat = torch.from_numpy(raw.reshape(-1))
+    embedding = QuantizedEmbedding(flat, qtype, (vocab, dim))
+    assert embedding.raw.data_ptr() == flat.data_ptr()  # the blocks are viewed, not copied
+    ids = torch.tensor([[0, 5, 96, 5], [17, 17, 3, 0]])  # repeats, first and last row
+    assert torch.equal(embedding(ids), nn.functional.embedding(ids, table))  # bit-exact: same rows, same blocks
+    half = QuantizedEmbedding(flat, qtype, (vocab, dim), dtype=torch.bfloat16)
+    assert torch.equal(half(ids), nn.functional.embedding(ids, table).to(torch.bfloat16))
+
+
+def test_on_the_fly_keeps_a_quantized_embedding_table_quantized(tmp_path: Path):
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Embedding(64, 256)
+            self.proj = nn.Linear(256, 8)
+
+        def forward(self, ids):
+            return self.proj(self.shared(ids))
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "lookup.gguf"
+    write_gguf(path, "t5encoder", {
+        "shared.weight": (rng.standard_normal((64, 256)).astype(np.float32), Q.Q8_0),
+        "proj.weight": (rng.standard_normal((8, 256)).astype(np.float32), Q.F32),
+        "proj.bias": (np.zeros(8, dtype=np.float32), Q.F32),
+    })
+    models = {}
+    for policy in ("dequantize_once", "on_the_fly"):
+        with torch.device("meta"):
+            models[policy] = Lookup()
+        load_gguf_into(models[policy], path, policy=policy)
+    assert isinstance(models["on_the_fly"].shared, QuantizedEmbedding)
+    assert type(models["dequantize_once"].shared) is nn.Embedding
+    ids = torch.tensor([[1, 63, 0, 1]])
+    with torch.no_grad():
+        assert torch.equal(models["on_the_fly"](ids), models["dequantize_once"](ids))
 
 
 class Block(nn.Module):
@@ -252,6 +299,23 @@ def test_tied_parameters_are_filled_together(tmp_path: Path):
     assert model.encoder.embed_tokens.weight is model.shared.weight
     assert model.lm_head.weight is model.shared.weight
     assert model.shared.weight.tolist() == table.tolist()
+
+
+def test_a_tied_quantized_table_stays_one_dense_tensor_on_the_fly(tmp_path: Path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Embedding(8, 32)
+            self.encoder = nn.Module()
+            self.encoder.embed_tokens = self.shared
+
+    path = tmp_path / "tied-q.gguf"
+    write_gguf(path, "t5encoder", {"shared.weight": (np.ones((8, 32), dtype=np.float32), Q.Q8_0)})
+    with torch.device("meta"):
+        model = Tied()
+    load_gguf_into(model, path, policy="on_the_fly")
+    assert type(model.shared) is nn.Embedding and model.encoder.embed_tokens is model.shared
+    assert torch.equal(model.shared.weight, GGUFFile(path).dequantize("shared.weight"))
 
 
 def test_unknown_policy_is_rejected(tiny_file: Path):

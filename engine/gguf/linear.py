@@ -5,7 +5,9 @@ Two policies, chosen by memory, with the same model code:
 - "dequantize_once": every weight is dequantized to the compute dtype at load.
 - "on_the_fly": an `nn.Linear` whose weight is quantized in the file becomes a
   `QuantizedLinear` that keeps the raw blocks (a view of the memory map on the
-  CPU) and dequantizes them in each forward.
+  CPU) and dequantizes them in each forward; a quantized `nn.Embedding` (the
+  umT5 token table, 256k x 4096 in the real encoder) becomes a
+  `QuantizedEmbedding` that dequantizes only the rows it looks up.
 """
 from __future__ import annotations
 
@@ -62,6 +64,47 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"qtype={self.qtype.name}, bias={self.bias is not None}")
+
+
+class QuantizedEmbedding(nn.Module):
+    """`nn.Embedding` over GGML blocks: a lookup dequantizes just the rows of the ids asked for.
+
+    GGML quantizes each row on its own (a row's length is a whole number of
+    blocks), so row i is bytes [i*row_bytes, (i+1)*row_bytes) of the tensor and
+    gathering raw rows then dequantizing them gives exactly the rows of the
+    fully dequantized table.
+    """
+
+    def __init__(
+        self,
+        raw: torch.Tensor,
+        qtype: GGMLQuantizationType,
+        shape: tuple[int, int],
+        dtype: torch.dtype = torch.float32,
+        name: str | None = None,
+    ):
+        super().__init__()
+        if raw.dtype != torch.uint8:
+            raise TypeError(f"QuantizedEmbedding needs uint8 raw blocks, got {raw.dtype}")
+        self.qtype = GGMLQuantizationType(qtype)
+        self.num_embeddings, self.embedding_dim = shape
+        self.name = name
+        if raw.numel() % self.num_embeddings:
+            raise ValueError(f"{name}: {raw.numel()} bytes do not split into {self.num_embeddings} rows")
+        self.register_buffer("raw", raw.reshape(self.num_embeddings, -1), persistent=False)
+        self.dtype = dtype  # what a lookup returns
+
+    @property
+    def device(self) -> torch.device:
+        return self.raw.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.raw.index_select(0, ids.reshape(-1).to(self.raw.device))
+        values = dequantize(rows.reshape(-1), self.qtype, (rows.shape[0], self.embedding_dim), self.dtype, name=self.name)
+        return values.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
 
 
 def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -140,6 +183,13 @@ def load_gguf_into(
         if policy == "on_the_fly" and type(owner) is nn.Linear and attr == "weight" and qtype not in FLOAT_TYPES:
             quantized = QuantizedLinear(f.raw(file_name).to(device), qtype, (owner.out_features, owner.in_features),
                                         bias=owner.bias, name=file_name)
+            parent, child = _owner(module, target.rpartition(".")[0])
+            setattr(parent, child, quantized)
+            continue
+        if (policy == "on_the_fly" and type(owner) is nn.Embedding and attr == "weight" and qtype not in FLOAT_TYPES
+                and len(aliases[id(expected[target])]) == 1):  # a tied table stays one dense tensor
+            quantized = QuantizedEmbedding(f.raw(file_name).to(device), qtype, (owner.num_embeddings, owner.embedding_dim),
+                                           dtype=dtype, name=file_name)
             parent, child = _owner(module, target.rpartition(".")[0])
             setattr(parent, child, quantized)
             continue

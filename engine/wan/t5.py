@@ -244,8 +244,8 @@ def encode_text(tokenizer: Tokenizer, encoder: UMT5Encoder, prompt: str, text_le
     computation on less work. The DiT later zero-pads the context to 512.
     """
     ids = tokenizer.encode(prompt, max_length=text_len)
-    weight = encoder.shared.weight
-    hidden = encoder(torch.tensor([ids], device=weight.device))[0]
+    device = encoder.encoder.final_layer_norm.weight.device  # the token table may be a QuantizedEmbedding
+    hidden = encoder(torch.tensor([ids], device=device))[0]
     out = hidden.new_zeros(text_len, hidden.shape[-1])
     out[: len(ids)] = hidden
     return out
