@@ -30,6 +30,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/dequant.py
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/text_encoder.py
 	$(BIN)/python bench/pipeline.py
 
 reliability: $(STAMP)
