@@ -126,6 +126,27 @@ def denoise(
     return latents
 
 
+def check_compatible(models: ModelSet, dit_config, text_dim: int, z_dim: int) -> None:
+    """Refuse, at load and in one line, a model set whose parts do not fit together.
+
+    Otherwise every job would fail the same way deep inside a matmul, each
+    after its retries, and an overnight batch would end as a table of
+    identical failed rows.
+    """
+    if dit_config.in_dim != z_dim or dit_config.out_dim != z_dim:
+        hint = " (Wan2.2 TI2V-5B works on the Wan2.2 VAE's 48-channel latents, which reelray does not support yet)" \
+            if dit_config.in_dim == 48 else ""
+        raise RenderError(
+            f"{models.dit}: the DiT takes {dit_config.in_dim}-channel latents and returns {dit_config.out_dim}, "
+            f"but the VAE {models.vae.name} decodes {z_dim}-channel latents{hint}"
+        )
+    if dit_config.text_dim != text_dim:
+        raise RenderError(
+            f"{models.dit}: the DiT expects {dit_config.text_dim}-wide text embeddings, "
+            f"but the text encoder {models.text_encoder.name} produces {text_dim}-wide ones (Wan uses umT5-XXL, 4096)"
+        )
+
+
 class Engine:
     """A resident model set that renders jobs one at a time."""
 
@@ -161,6 +182,7 @@ class Engine:
         self.text_encoder = load_text_encoder(models.text_encoder, device=self.device, dtype=dtype, policy=policy)
         self.dit = load_dit(models.dit, device=self.device, dtype=dtype, policy=policy)
         self.vae = load_vae(models.vae, device=self.device, dtype=torch.float32)
+        check_compatible(models, self.dit.config, self.text_encoder.config.dim, self.vae.config.z_dim)
         self.encoder_digest = f"{file_digest(models.text_encoder)}:{self.tokenizer.digest}"
         self.embeddings = EmbeddingCache(cache_bytes)
         self.text_encoder_calls = 0

@@ -355,3 +355,34 @@ def test_unknown_tiny_quant_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Q4_K"):
         make_tiny_model(tmp_path, quant="Q4_K")
     assert not any(tmp_path.iterdir())
+
+
+def write_tiny_dit(path: Path, **changes) -> Path:
+    """A tiny DiT GGUF like the embedded one but with `changes` to its WanConfig."""
+    from engine.tiny import SEED, TINY_DIT, random_state_dict
+    from engine.wan.dit import WanConfig, WanModel, write_dit_gguf
+
+    config = WanConfig(**({"text_dim": 64, **TINY_DIT} | changes))
+    with torch.device("meta"):
+        dit = WanModel(config)
+    state = random_state_dict(dit, torch.Generator().manual_seed(SEED))
+    write_dit_gguf(state, path, quant="Q8_0", metadata={"wan.attention.head_count": config.num_heads})
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"in_dim": 48, "out_dim": 48}, r"takes 48-channel latents and returns 48.*decodes 16-channel.*Wan2\.2 TI2V-5B"),
+        ({"text_dim": 32}, r"expects 32-wide text embeddings.*produces 64-wide"),
+    ],
+    ids=["ti2v-latents", "text-width"],
+)
+def test_a_model_set_whose_parts_do_not_fit_is_refused_at_load(tiny_model, tmp_path, changes, message):
+    models = ModelSet.from_dir(tiny_model)
+    assert Engine(models).text_encoder.config.dim == 64  # the tiny umT5 width the first case keeps
+    dit = write_tiny_dit(tmp_path / "mismatched-Q8_0.gguf", **changes)
+    mismatched = ModelSet.from_files(dit=dit, text_encoder=models.text_encoder, vae=models.vae)
+    with pytest.raises(RenderError, match=message) as refused:
+        Engine(mismatched)
+    assert str(dit) in str(refused.value) and "\n" not in str(refused.value)
