@@ -25,6 +25,7 @@ from engine.render import EmbeddingCache, Engine, RenderError, initial_noise
 from engine.tiny import make_tiny_model
 from engine.video import frames_sha256, probe_mp4, read_mp4
 from jobs.params import DEFAULT_NEGATIVE_PROMPT, RenderParams
+from run_helpers import write_tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
 SHA256 = re.compile(r"frames_sha256 ([0-9a-f]{64})")
@@ -355,19 +356,6 @@ def test_unknown_tiny_quant_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Q4_K"):
         make_tiny_model(tmp_path, quant="Q4_K")
     assert not any(tmp_path.iterdir())
-
-
-def write_tiny_dit(path: Path, **changes) -> Path:
-    """A tiny DiT GGUF like the embedded one but with `changes` to its WanConfig."""
-    from engine.tiny import SEED, TINY_DIT, random_state_dict
-    from engine.wan.dit import WanConfig, WanModel, write_dit_gguf
-
-    config = WanConfig(**({"text_dim": 64, **TINY_DIT} | changes))
-    with torch.device("meta"):
-        dit = WanModel(config)
-    state = random_state_dict(dit, torch.Generator().manual_seed(SEED))
-    write_dit_gguf(state, path, quant="Q8_0", metadata={"wan.attention.head_count": config.num_heads})
-    return path
 
 
 @pytest.mark.parametrize(

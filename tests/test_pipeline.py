@@ -16,7 +16,7 @@ import pytest
 from engine.video import read_mp4
 from jobs.manifest import ManifestError
 from pipeline.driver import run
-from run_helpers import metadata, run_config, write_manifest
+from run_helpers import metadata, run_config, write_manifest, write_tiny_dit
 
 PROMPTS = ["a red fox in snow", "boats in a harbor at dusk", "rain on a neon street"]
 
@@ -152,6 +152,30 @@ def test_manifest_with_bad_rows_is_refused_then_skip_invalid_renders_good_rows(r
     assert report["counts"]["done"] == 2
     assert report["counts"]["invalid_rows"] == 2
     assert sorted(metadata(out)["prompt"]) == ["good one", "good two"]
+
+
+def test_a_model_set_that_cannot_render_stops_the_run_in_one_line(ray_session, tiny_model, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in tiny_model.iterdir():
+        if "t2v" not in path.name:  # keep the text encoder and the VAE
+            shutil.copy(path, models / path.name)
+    write_tiny_dit(models / "narrow-text-Q8_0.gguf", text_dim=32)
+    manifest = write_manifest(tmp_path / "m.parquet", {"prompt": ["a", "b"], "seed": [0, 1]})
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(manifest), "--model", str(models), "--out", str(out),
+         "--actors", "1", "--address", ray_address()],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=300,
+    )
+    assert done.returncode == 2
+    error = [line for line in done.stderr.splitlines() if line.startswith("reelray: error:")]
+    assert len(error) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "render actors could not load the model" in error[0]
+    assert "expects 32-wide text embeddings" in error[0] and "narrow-text-Q8_0.gguf" in error[0]
+    assert not list(out.glob("videos/*/*.mp4"))
 
 
 def ray_address() -> str:
