@@ -68,6 +68,24 @@ class ModelSet:
         """sha256 over the content digests of the files: the model part of a job's identity."""
         return model_digest(self.files())
 
+    def check_fit(self) -> None:
+        """Refuse, from the files' headers alone (no weights read), a set whose parts do not fit together.
+
+        The driver calls this before it starts Ray or loads anything, so a
+        mismatched set costs a second, not a cluster start and a model load.
+        """
+        from engine.gguf import GGUFFile
+        from engine.wan.dit import ModelConfigError, infer_config
+
+        with GGUFFile(self.dit) as f:
+            try:
+                dit_config = infer_config({name: f.shape(name) for name in f.tensor_names}, f.metadata)
+            except ModelConfigError as err:
+                raise ModelSetError(f"{self.dit}: {err}") from None
+        text_dim = _matrix_width(self.text_encoder, ("token_embd.weight", "shared.weight", "encoder.embed_tokens.weight"))
+        z_dim = _matrix_width(self.vae, ("decoder.conv1.weight",))
+        check_compatible(self, dit_config, text_dim, z_dim)
+
     def render_defaults(self) -> RenderParams:
         """The model's own defaults: from the DiT's metadata when it carries them, else Wan2.1's."""
         from engine.gguf import GGUFFile
@@ -110,7 +128,52 @@ def file_role(path: Path) -> str | None:
     return None
 
 
+def check_compatible(models: ModelSet, dit_config, text_dim: int, z_dim: int) -> None:
+    """Refuse, in one line, a model set whose DiT does not fit its VAE's latents or its text encoder's width.
+
+    Otherwise every job would fail the same way deep inside a matmul, each
+    after its retries, and an overnight batch would end as a table of
+    identical failed rows.
+    """
+    if dit_config.in_dim != z_dim or dit_config.out_dim != z_dim:
+        hint = " (Wan2.2 TI2V-5B works on the Wan2.2 VAE's 48-channel latents, which reelray does not support yet)" \
+            if dit_config.in_dim == 48 else ""
+        raise ModelSetError(
+            f"{models.dit}: the DiT takes {dit_config.in_dim}-channel latents and returns {dit_config.out_dim}, "
+            f"but the VAE {models.vae.name} decodes {z_dim}-channel latents{hint}"
+        )
+    if dit_config.text_dim != text_dim:
+        raise ModelSetError(
+            f"{models.dit}: the DiT expects {dit_config.text_dim}-wide text embeddings, "
+            f"but the text encoder {models.text_encoder.name} produces {text_dim}-wide ones (Wan uses umT5-XXL, 4096)"
+        )
+
+
+def _matrix_width(path: Path, names: tuple[str, ...]) -> int:
+    """The last axis (PyTorch order) of the first of `names` in a GGUF or safetensors file, from its header."""
+    if path.suffix == ".gguf":
+        from engine.gguf import GGUFFile
+
+        with GGUFFile(path) as f:
+            shapes = {name: tuple(f.shape(name)) for name in names if name in f.tensor_names}
+    else:
+        header = _safetensors_header(path)
+        shapes = {name: tuple(header[name].get("shape", ())) for name in names
+                  if isinstance(header.get(name), dict)}
+    for name in names:
+        shape = shapes.get(name)
+        if shape is not None:
+            if len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape):
+                raise ModelSetError(f"{path}: tensor {name!r} has shape {list(shape)}")
+            return shape[1]
+    raise ModelSetError(f"{path}: none of {', '.join(names)} found")
+
+
 def _safetensors_names(path: Path) -> list[str]:
+    return [k for k in _safetensors_header(path) if k != "__metadata__"]
+
+
+def _safetensors_header(path: Path) -> dict:
     # The header is JSON after an 8-byte little-endian length: enough to tell
     # what the file is without opening the tensors.
     with open(path, "rb") as fh:
@@ -126,4 +189,4 @@ def _safetensors_names(path: Path) -> list[str]:
             raise ModelSetError(f"{path}: not a safetensors file ({exc})") from None
     if not isinstance(header, dict):
         raise ModelSetError(f"{path}: not a safetensors file (header is not an object)")
-    return [k for k in header if k != "__metadata__"]
+    return header

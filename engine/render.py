@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.model_set import ModelSet
+from engine.model_set import ModelSet, check_compatible
 from engine.sampling import make_solver
 from engine.video import frames_sha256, to_uint8
 from jobs.identity import file_digest
@@ -124,27 +124,6 @@ def denoise(
         if progress is not None:
             progress(i + 1, params.steps)
     return latents
-
-
-def check_compatible(models: ModelSet, dit_config, text_dim: int, z_dim: int) -> None:
-    """Refuse, at load and in one line, a model set whose parts do not fit together.
-
-    Otherwise every job would fail the same way deep inside a matmul, each
-    after its retries, and an overnight batch would end as a table of
-    identical failed rows.
-    """
-    if dit_config.in_dim != z_dim or dit_config.out_dim != z_dim:
-        hint = " (Wan2.2 TI2V-5B works on the Wan2.2 VAE's 48-channel latents, which reelray does not support yet)" \
-            if dit_config.in_dim == 48 else ""
-        raise RenderError(
-            f"{models.dit}: the DiT takes {dit_config.in_dim}-channel latents and returns {dit_config.out_dim}, "
-            f"but the VAE {models.vae.name} decodes {z_dim}-channel latents{hint}"
-        )
-    if dit_config.text_dim != text_dim:
-        raise RenderError(
-            f"{models.dit}: the DiT expects {dit_config.text_dim}-wide text embeddings, "
-            f"but the text encoder {models.text_encoder.name} produces {text_dim}-wide ones (Wan uses umT5-XXL, 4096)"
-        )
 
 
 class Engine:

@@ -168,6 +168,7 @@ def run(config: RunConfig, stream=None) -> dict:
     from engine.model_set import ModelSet
 
     models = ModelSet.from_files(**config.model_files)
+    models.check_fit()  # before Ray starts: a mismatched set fails in a second, in one line
     digest = models.digest()
     defaults = models.render_defaults()
 

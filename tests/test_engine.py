@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from engine.gguf.linear import QuantizedLinear
-from engine.model_set import ModelSet
+from engine.model_set import ModelSet, ModelSetError
 from engine.render import EmbeddingCache, Engine, RenderError, initial_noise
 from engine.tiny import make_tiny_model
 from engine.video import frames_sha256, probe_mp4, read_mp4
@@ -366,11 +366,14 @@ def test_unknown_tiny_quant_is_refused(tmp_path):
     ],
     ids=["ti2v-latents", "text-width"],
 )
-def test_a_model_set_whose_parts_do_not_fit_is_refused_at_load(tiny_model, tmp_path, changes, message):
+def test_a_model_set_whose_parts_do_not_fit_is_refused_from_headers_and_at_load(tiny_model, tmp_path, changes, message):
     models = ModelSet.from_dir(tiny_model)
+    models.check_fit()
     assert Engine(models).text_encoder.config.dim == 64  # the tiny umT5 width the first case keeps
     dit = write_tiny_dit(tmp_path / "mismatched-Q8_0.gguf", **changes)
     mismatched = ModelSet.from_files(dit=dit, text_encoder=models.text_encoder, vae=models.vae)
-    with pytest.raises(RenderError, match=message) as refused:
-        Engine(mismatched)
+    with pytest.raises(ModelSetError, match=message) as refused:
+        mismatched.check_fit()
     assert str(dit) in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(ModelSetError, match=message):  # an Engine built without the driver's check refuses too
+        Engine(mismatched)
