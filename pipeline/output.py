@@ -116,6 +116,11 @@ class OutputDir:
         scan = DoneScan()
         selector = pafs.FileSelector(self.path("videos"), recursive=True, allow_not_found=True)
         infos = {info.path: info for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File}
+        # Temp files of a killed compaction or report write: OUT itself, metadata/, runs/.
+        for directory in ("", "metadata", "runs"):
+            selector = pafs.FileSelector(self.path(directory).rstrip("/") or "/", allow_not_found=True)
+            scan.corrupt.extend(info.path for info in self.fs.get_file_info(selector)
+                                if info.type == pafs.FileType.File and info.base_name.startswith(TMP_PREFIX))
         for path, info in infos.items():
             name = posixpath.basename(path)
             if name.startswith(TMP_PREFIX):

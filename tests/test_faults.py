@@ -42,7 +42,7 @@ def assert_complete_and_intact(out: Path, expected: dict[str, str]) -> None:
     for row in df.itertuples():
         frames = read_mp4(out / row.file_name)
         assert frames.shape[0] == row.frames
-    assert not list(out.glob("videos/*/.tmp-*")), "temp files left behind"
+    assert not [p for p in out.rglob(".tmp-*")], "temp files left behind"
 
 
 def render_processes(title: str = "ray::RenderActor") -> list[int]:
@@ -165,6 +165,10 @@ def test_crash_leftovers_are_detected_and_rerendered(sweep, ray_session, tiny_mo
     (mp4.parent / ".tmp-0123-orphan.mp4").write_bytes(b"\x00" * 100)
     metadata = out / "metadata" / "part-0.parquet"
     metadata.write_bytes(metadata.read_bytes()[:100])
+    # A compaction and a report write killed half-way.
+    (out / "metadata" / ".tmp-4567-part-0.parquet").write_bytes(metadata.read_bytes())
+    (out / ".tmp-89ab-metadata.parquet").write_bytes(b"PAR1")
+    (out / "runs" / ".tmp-cdef-20260101T000000.000000Z.json").write_text("{")
 
     from pipeline.cli import main
 
