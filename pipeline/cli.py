@@ -77,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="Parquet file, directory, glob or filesystem URI")
     add_model_args(p)
     p.add_argument("--out", required=True, help="output directory or filesystem URI")
-    p.add_argument("--actors", type=int, default=None, help="render actors (default: one per GPU, else 1)")
+    p.add_argument("--actors", type=int, default=None, help="render actors (default: one per GPU; without GPUs, one per CPU)")
     p.add_argument("--seeds", default=None, help="seeds for rows that give none, e.g. 0-99")
     p.add_argument("--skip-invalid", action="store_true", help="render the good rows of a manifest with bad rows")
     p.add_argument("--force", action="store_true", help="re-render jobs that are already done")
     p.add_argument("--address", default=None, help="Ray cluster address (auto, ray://host:10001); default: a local instance")
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a job that fails (default 2)")
-    p.add_argument("--job-timeout", type=float, default=None, help="seconds before a job is failed and retried")
+    p.add_argument("--job-timeout", type=float, default=None, help="seconds a job may take before it is failed and retried (default: no limit)")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines when not on a terminal")
     p.set_defaults(func=cmd_run)
 
@@ -99,13 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", help="directory holding the DiT, text encoder and VAE files")
-    p.add_argument("--dit")
-    p.add_argument("--text-encoder")
-    p.add_argument("--vae")
+    p.add_argument("--dit", help="Wan DiT GGUF (instead of --model)")
+    p.add_argument("--text-encoder", help="umT5 encoder, GGUF or safetensors (instead of --model)")
+    p.add_argument("--vae", help="Wan2.1 VAE, safetensors or GGUF (instead of --model)")
     p.add_argument("--tokenizer", help="SentencePiece .model (for a safetensors text encoder)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--policy", default="dequantize_once", choices=["dequantize_once", "on_the_fly"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--policy", default="dequantize_once", choices=["dequantize_once", "on_the_fly"],
+                   help="dequantize every weight at load (fastest) or keep quantized weights as blocks and "
+                        "dequantize them per forward (least memory); default dequantize_once")
     p.set_defaults(model_required=required)
 
 
