@@ -185,71 +185,72 @@ def run(config: RunConfig, stream=None) -> dict:
         out.ensure()
     except OSError as exc:
         raise OutputError(f"{config.out}: cannot create the output directory: {exc}") from exc
-    scan = out.scan()
-    out.clean(scan)
-    done_rows: dict[str, dict] = dict(scan.done)
-    failed_rows: dict[str, dict] = previous_failures(out, done_rows)
-    pending = [job for job in jobs if config.force or job.job_id not in done_rows]
-    skipped_done = len(jobs) - len(pending)
-    print(
-        f"reelray: {n_rows} manifest rows -> {len(jobs)} jobs; {skipped_done} already done, "
-        f"{len(pending)} to render, {len(errors)} invalid rows skipped" if errors else
-        f"reelray: {n_rows} manifest rows -> {len(jobs)} jobs; {skipped_done} already done, {len(pending)} to render",
-        file=stream,
-    )
+    with out.run_lock():  # one run per OUT at a time: refused here, before anything in OUT is touched
+        scan = out.scan()
+        out.clean(scan)
+        done_rows: dict[str, dict] = dict(scan.done)
+        failed_rows: dict[str, dict] = previous_failures(out, done_rows)
+        pending = [job for job in jobs if config.force or job.job_id not in done_rows]
+        skipped_done = len(jobs) - len(pending)
+        print(
+            f"reelray: {n_rows} manifest rows -> {len(jobs)} jobs; {skipped_done} already done, "
+            f"{len(pending)} to render, {len(errors)} invalid rows skipped" if errors else
+            f"reelray: {n_rows} manifest rows -> {len(jobs)} jobs; {skipped_done} already done, {len(pending)} to render",
+            file=stream,
+        )
 
-    actor_stats: list[dict] = []
-    stop_reason = None
-    try:
-        if pending:
-            ensure_ray(config.address)
-            stop_reason = render_all(config, out, models, digest, pending, done_rows, failed_rows, actor_stats, stream)
-    finally:
+        actor_stats: list[dict] = []
+        stop_reason = None
         try:
-            out.compact(all_rows(done_rows, failed_rows))
-        except OutputError as exc:
-            # The sidecars are the source of truth: the next run compacts again.
-            if stop_reason is None:
-                stop_reason = str(exc)
+            if pending:
+                ensure_ray(config.address)
+                stop_reason = render_all(config, out, models, digest, pending, done_rows, failed_rows, actor_stats, stream)
+        finally:
+            try:
+                out.compact(all_rows(done_rows, failed_rows))
+            except OutputError as exc:
+                # The sidecars are the source of truth: the next run compacts again.
+                if stop_reason is None:
+                    stop_reason = str(exc)
 
-    job_ids = {job.job_id for job in jobs}
-    counts = {
-        "rows": n_rows,
-        "invalid_rows": len(errors),
-        "jobs": len(jobs),
-        "skipped_done": skipped_done,
-        "rendered": sum(1 for j in pending if j.job_id in done_rows),
-        "done": sum(1 for j in job_ids if j in done_rows),
-        "failed": sum(1 for j in job_ids if j in failed_rows and j not in done_rows),
-    }
-    counts["pending"] = counts["jobs"] - counts["done"] - counts["failed"]
-    lookups = sum(s["cache_hits"] + s["cache_misses"] for s in actor_stats)
-    report = {
-        "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "wall_s": time.monotonic() - t_start,
-        "config": {k: v for k, v in asdict(config).items() if k != "seeds"} | {"seeds": summarize_seeds(config.seeds)},
-        "model_digest": digest,
-        "software": software_versions(),
-        "counts": counts,
-        "invalid_rows": [str(e) for e in errors[:1000]],
-        "embedding_cache_hit_rate": sum(s["cache_hits"] for s in actor_stats) / lookups if lookups else None,
-        "actors": actor_stats,
-        "stopped": stop_reason,
-    }
-    name = started_at.strftime("%Y%m%dT%H%M%S.%fZ")
-    try:
-        report_path = out.write_report(name, report)
-    except OSError as exc:
-        report_path = f"(not written: {exc})"
-    print(
-        f"reelray: done {counts['done']}/{counts['jobs']}, failed {counts['failed']}, pending {counts['pending']}"
-        f" in {report['wall_s']:.1f}s; videos in {out.path('videos')}, dataset in {out.path('metadata')}, report {report_path}",
-        file=stream,
-    )
-    if stop_reason:
-        raise RunStopped(f"{stop_reason}; {counts['done']} jobs are done and intact: rerun the same command to resume")
-    return report
+        job_ids = {job.job_id for job in jobs}
+        counts = {
+            "rows": n_rows,
+            "invalid_rows": len(errors),
+            "jobs": len(jobs),
+            "skipped_done": skipped_done,
+            "rendered": sum(1 for j in pending if j.job_id in done_rows),
+            "done": sum(1 for j in job_ids if j in done_rows),
+            "failed": sum(1 for j in job_ids if j in failed_rows and j not in done_rows),
+        }
+        counts["pending"] = counts["jobs"] - counts["done"] - counts["failed"]
+        lookups = sum(s["cache_hits"] + s["cache_misses"] for s in actor_stats)
+        report = {
+            "started_at": started_at.isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "wall_s": time.monotonic() - t_start,
+            "config": {k: v for k, v in asdict(config).items() if k != "seeds"} | {"seeds": summarize_seeds(config.seeds)},
+            "model_digest": digest,
+            "software": software_versions(),
+            "counts": counts,
+            "invalid_rows": [str(e) for e in errors[:1000]],
+            "embedding_cache_hit_rate": sum(s["cache_hits"] for s in actor_stats) / lookups if lookups else None,
+            "actors": actor_stats,
+            "stopped": stop_reason,
+        }
+        name = started_at.strftime("%Y%m%dT%H%M%S.%fZ")
+        try:
+            report_path = out.write_report(name, report)
+        except OSError as exc:
+            report_path = f"(not written: {exc})"
+        print(
+            f"reelray: done {counts['done']}/{counts['jobs']}, failed {counts['failed']}, pending {counts['pending']}"
+            f" in {report['wall_s']:.1f}s; videos in {out.path('videos')}, dataset in {out.path('metadata')}, report {report_path}",
+            file=stream,
+        )
+        if stop_reason:
+            raise RunStopped(f"{stop_reason}; {counts['done']} jobs are done and intact: rerun the same command to resume")
+        return report
 
 
 def all_rows(done_rows: dict[str, dict], failed_rows: dict[str, dict]) -> list[dict]:

@@ -6,6 +6,7 @@
     OUT/metadata.parquet          the done rows only: the metadata file Hugging Face `videofolder`
                                   looks for, `file_name` relative to OUT, so every row has its video
     OUT/runs/<timestamp>.json     one report per run
+    OUT/.reelray-run.lock         held by the run writing OUT (local OUT only), see `run_lock`
 
 A job is done when its sidecar parses and names an MP4 that exists with the
 recorded size. Anything else in OUT (temp files of a killed process, a
@@ -18,9 +19,13 @@ import json
 import os
 import posixpath
 import shutil
+import socket
 import tempfile
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +37,8 @@ from jobs.dataset import SidecarError, parse_sidecar, rows_to_table, sidecar_byt
 from jobs.identity import sidecar_relpath, video_relpath
 
 TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".reelray-run.lock"
+LOCK_GRACE_S = 5.0  # an unreadable lock younger than this is one being written, not a stale one
 METADATA_FILE = "metadata/part-0.parquet"
 VIDEOFOLDER_FILE = "metadata.parquet"  # the name `datasets`' folder builders look for (csv / jsonl / parquet)
 
@@ -61,6 +68,58 @@ class OutputDir:
     def ensure(self) -> None:
         for sub in ("videos", "metadata", "runs"):
             self.fs.create_dir(self.path(sub), recursive=True)
+
+    # -- one run at a time ---------------------------------------------------
+
+    @contextmanager
+    def run_lock(self):
+        """Hold OUT for one run; a second `reelray run` on the same OUT is refused while the first lives.
+
+        Two runs on one OUT (say an overnight batch started again by cron
+        before the last one finished) would render the same jobs twice, delete
+        each other's in-flight temp files on start-up and overwrite each other's
+        metadata. The lock is a file created exclusively in OUT naming the
+        driver (host, pid, process start time). A lock whose driver is dead on
+        this host (killed: the lock outlives it) is stale and taken over; one
+        held on another host cannot be checked and is refused with the path
+        to delete. Object stores (s3://, gs://) have no exclusive create: there
+        the lock is not taken, and one run per OUT is the user's to keep.
+        """
+        if not self.local:
+            yield
+            return
+        path = os.path.join(self.root, LOCK_FILE)
+        mine = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": _process_start(os.getpid()),
+                "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_lock(path)
+                if _lock_is_live(path, holder):
+                    who = (f"reelray run pid {holder['pid']} on {holder['host']} since {holder['since']}"
+                           if holder else "a run that is starting")
+                    raise OutputError(f"{self.uri}: in use by {who}; wait for it to finish, "
+                                      f"or delete {path} if that run is gone") from None
+                try:  # stale: its driver died without releasing it
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(mine, fh)
+            except OSError as exc:  # a full disk, say: no half-written lock stays behind
+                os.unlink(path)
+                raise OutputError(f"{self.uri}: cannot write the run lock {path}: {exc}") from exc
+            break
+        else:
+            raise OutputError(f"{self.uri}: cannot take the run lock {path}")
+        try:
+            yield
+        finally:
+            if _read_lock(path) == mine:
+                os.unlink(path)
 
     # -- committing one job -------------------------------------------------
 
@@ -196,3 +255,50 @@ class OutputDir:
             dst.write(data)
         self.fs.move(tmp, path)
         return path
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): tells a pid from its reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces and parentheses
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _read_lock(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as fh:
+            holder = json.loads(fh.read(4096))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(holder, dict) or not {"host", "pid", "pid_started", "since"} <= holder.keys():
+        return None
+    return holder
+
+
+def _lock_is_live(path: str, holder: dict | None) -> bool:
+    if holder is None:  # unreadable: being written right now, or left half-written by a crash
+        try:
+            return time.time() - os.stat(path).st_mtime < LOCK_GRACE_S
+        except FileNotFoundError:
+            return False
+    if holder["host"] != socket.gethostname():
+        return True  # another machine's process: cannot be checked from here
+    pid, started = holder["pid"], holder["pid_started"]
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if started is not None:
+        return _process_start(pid) == started  # None (no such process) or another start time: gone, or pid reused
+    try:  # no /proc (macOS): whether the pid exists at all
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

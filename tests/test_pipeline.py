@@ -246,3 +246,57 @@ def test_output_given_as_a_filesystem_uri(ray_session, tiny_model, tmp_path):
     assert report["counts"]["done"] == 1
     df = metadata(tmp_path / "out")
     assert read_mp4(tmp_path / "out" / df["file_name"][0]).shape == (9, 64, 64, 3)
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(ray_session, tiny_model, tmp_path):
+    from pipeline.output import LOCK_FILE, OutputError
+
+    # Slow enough jobs (40 steps at 128 px) that the first run is still going when the second starts.
+    manifest = write_manifest(
+        tmp_path / "m.parquet", {"prompt": ["first", "second"], "seed_start": [0, 0], "seed_count": [2, 2], "steps": [40, 40], "width": [128, 128]}
+    )
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(manifest), "--model", str(tiny_model),
+               "--out", str(out), "--actors", "1", "--address", ray_address()]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 240
+    while not (out / LOCK_FILE).exists():
+        assert first.poll() is None, first.stderr.read().decode()
+        assert time.monotonic() < deadline, "the first run never took the lock"
+        time.sleep(0.05)
+    with pytest.raises(OutputError, match=rf"in use by reelray run pid {first.pid} on .* delete .*{LOCK_FILE}"):
+        run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()
+    assert not (out / LOCK_FILE).exists()  # released at the end
+    df = metadata(out)
+    assert len(df) == 4 and set(df["status"]) == {"done"} and set(df["attempts"]) == {1}  # nothing of it was disturbed
+
+    report = run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())  # free again
+    assert report["counts"]["skipped_done"] == 4
+
+
+def test_a_lock_left_by_a_dead_driver_is_taken_over_and_one_from_another_host_is_refused(ray_session, tiny_model, tmp_path):
+    import json
+    import socket
+
+    from pipeline.output import LOCK_FILE, OutputError, _process_start
+
+    manifest = write_manifest(tmp_path / "m.parquet", {"prompt": ["locked"], "seed": [0]})
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock = out / LOCK_FILE
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "pid_started": 12345, "since": "then"}))
+    report = run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+    assert report["counts"]["done"] == 1 and not lock.exists()
+
+    # A live pid with another start time is a reused pid: stale as well.
+    me = os.getpid()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": me, "pid_started": _process_start(me) + 1, "since": "then"}))
+    assert run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())["counts"]["skipped_done"] == 1
+
+    lock.write_text(json.dumps({"host": "render-node-7", "pid": 4242, "pid_started": 1, "since": "2026-11-20T23:00:00+00:00"}))
+    with pytest.raises(OutputError, match=r"in use by reelray run pid 4242 on render-node-7 since 2026-11-20T23:00:00"):
+        run(run_config(tiny_model, manifest, out, actors=1), stream=io.StringIO())
+    assert lock.exists()  # not ours to remove
