@@ -94,10 +94,6 @@ class QuantizedEmbedding(nn.Module):
         self.register_buffer("raw", raw.reshape(self.num_embeddings, -1), persistent=False)
         self.dtype = dtype  # what a lookup returns
 
-    @property
-    def device(self) -> torch.device:
-        return self.raw.device
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.raw.index_select(0, ids.reshape(-1).to(self.raw.device))
         values = dequantize(rows.reshape(-1), self.qtype, (rows.shape[0], self.embedding_dim), self.dtype, name=self.name)
@@ -180,16 +176,15 @@ def load_gguf_into(
     for target, file_name in plan.items():
         owner, attr = _owner(module, target)
         qtype = f.qtype(file_name)
-        if policy == "on_the_fly" and type(owner) is nn.Linear and attr == "weight" and qtype not in FLOAT_TYPES:
-            quantized = QuantizedLinear(f.raw(file_name).to(device), qtype, (owner.out_features, owner.in_features),
-                                        bias=owner.bias, name=file_name)
-            parent, child = _owner(module, target.rpartition(".")[0])
-            setattr(parent, child, quantized)
-            continue
-        if (policy == "on_the_fly" and type(owner) is nn.Embedding and attr == "weight" and qtype not in FLOAT_TYPES
-                and len(aliases[id(expected[target])]) == 1):  # a tied table stays one dense tensor
-            quantized = QuantizedEmbedding(f.raw(file_name).to(device), qtype, (owner.num_embeddings, owner.embedding_dim),
-                                           dtype=dtype, name=file_name)
+        quantized = None
+        if policy == "on_the_fly" and attr == "weight" and qtype not in FLOAT_TYPES:
+            if type(owner) is nn.Linear:
+                quantized = QuantizedLinear(f.raw(file_name).to(device), qtype,
+                                            (owner.out_features, owner.in_features), bias=owner.bias, name=file_name)
+            elif type(owner) is nn.Embedding and len(aliases[id(expected[target])]) == 1:  # a tied table stays dense
+                quantized = QuantizedEmbedding(f.raw(file_name).to(device), qtype,
+                                               (owner.num_embeddings, owner.embedding_dim), dtype=dtype, name=file_name)
+        if quantized is not None:
             parent, child = _owner(module, target.rpartition(".")[0])
             setattr(parent, child, quantized)
             continue
