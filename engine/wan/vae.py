@@ -1,16 +1,21 @@
-"""The Wan2.1 video VAE decoder, as wan/modules/vae.py (Wan-Video/Wan2.1) defines it.
+"""The Wan2.1 video VAE, as wan/modules/vae.py (Wan-Video/Wan2.1) defines it.
 
 Module attribute names are the original checkpoint names (`conv2`,
-`decoder.middle.1.to_qkv`, `decoder.upsamples.3.time_conv`, ...), so
-`wan_2.1_vae.safetensors` loads without a renaming table. Only the decoding
-half is built; a file's `encoder.*` and `conv1.*` tensors are never read.
+`decoder.middle.1.to_qkv`, `encoder.downsamples.5.time_conv`, ...), so
+`wan_2.1_vae.safetensors` loads without a renaming table. The decoding half
+(`conv2`, `decoder`) is always built; the encoding half (`encoder`, `conv1`)
+only when asked for (`load_vae(..., encoder=True)`), as only image-to-video
+needs it.
 
-Decoding is causal in time and runs one latent frame at a time, as the
-official `WanVAE_.decode` does: each causal conv with a 3-frame kernel keeps
-the last CACHE_T=2 frames of its input from the previous chunk (a
-`FrameCache`), which stand in for its zero padding; the temporal upsamplers
-skip their time conv on the first chunk (the official 'Rep' marker). So T
-latent frames give 1 + 4(T-1) video frames at 8x the latent height and width.
+Both halves are causal in time and run chunk by chunk, as the official
+`WanVAE_` does: each causal conv with a 3-frame kernel keeps the last
+CACHE_T=2 frames of its input from the previous chunk (a `FrameCache`), which
+stand in for its zero padding. Decoding takes one latent frame at a time and
+the temporal upsamplers skip their time conv on the first chunk (the official
+'Rep' marker), so T latent frames give 1 + 4(T-1) video frames at 8x the
+latent height and width. Encoding takes the first frame alone, then 4 frames
+at a time, and the temporal downsamplers pass the first chunk's frame through
+untouched, so 1 + 4(T-1) frames give T latent frames.
 """
 from __future__ import annotations
 
@@ -24,7 +29,6 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from engine.gguf import GGUFFile
@@ -47,7 +51,7 @@ LATENT_STD = (
 # Pickle-based checkpoints: unpickling can run arbitrary code, so never load them.
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".pkl")
 
-# What one decode keeps between latent frames: causal conv -> its last input frames.
+# What one encode or decode keeps between chunks: causal conv -> its last input frames.
 FrameCache = dict[nn.Module, torch.Tensor]
 
 
@@ -71,13 +75,24 @@ class WanVAEConfig:
         return tuple(reversed(self.temperal_downsample))
 
     @property
+    def encoder_dims(self) -> list[int]:
+        """Channels of the encoder's stem, then leaving each of its stages."""
+        return [self.base_dim * m for m in (1, *self.dim_mult)]
+
+    @property
     def decoder_dims(self) -> list[int]:
         """Channels entering the decoder's stages: the widest first, then dim_mult reversed."""
         return [self.base_dim * m for m in (self.dim_mult[-1], *reversed(self.dim_mult))]
 
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent cell along height and width (8 for the published VAE)."""
+        return 2 ** (len(self.dim_mult) - 1)
 
-# The embedded default model's VAE (`reelray make-tiny-model`, tests).
-TINY_VAE_CONFIG = WanVAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+    @property
+    def temporal_factor(self) -> int:
+        """Video frames per latent frame after the first (4 for the published VAE)."""
+        return 2 ** sum(self.temperal_downsample)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -154,34 +169,98 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out).view(b, t, c, h, w).transpose(1, 2)
 
 
-class Resample(nn.Module):
+class Upsampler(nn.Module):
     """Decoder upsampler: 2x nearest in h, w and a 3x3 conv halving the channels, per frame.
 
-    'upsample3d' first doubles the frame count with `time_conv`, whose 2*dim
-    output channels are two frames for each input frame; on the first chunk
-    it is skipped, so the first latent frame gives one frame (the official 'Rep').
+    A temporal one first doubles the frame count with `time_conv`, whose
+    2*dim output channels are two frames for each input frame; on the first
+    chunk it is skipped, so the first latent frame gives one frame (the
+    official 'Rep').
     """
 
-    def __init__(self, dim: int, mode: str) -> None:
+    def __init__(self, dim: int, temporal: bool) -> None:
         super().__init__()
-        if mode not in ("upsample2d", "upsample3d"):
-            raise ValueError(f"unknown resample mode {mode!r}")
-        self.mode = mode
         self.resample = nn.Sequential(
             nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
             nn.Conv2d(dim, dim // 2, 3, padding=1))
-        if mode == "upsample3d":
-            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 
     def forward(self, x: torch.Tensor, cache: FrameCache, first_chunk: bool) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        if self.mode == "upsample3d" and not first_chunk:
+        if self.time_conv is not None and not first_chunk:
             # [b, (2, c), t] -> [b, c, (t, 2)]: the two halves interleave in time.
             x = self.time_conv(x, cache).view(b, 2, c, t, h, w)
             x = x.permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
             t = 2 * t
-        frames = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
-        return frames.view(b, t, *frames.shape[1:]).transpose(1, 2)
+        return per_frame(self.resample, x)
+
+
+class Downsampler(nn.Module):
+    """Encoder downsampler: a stride-2 3x3 conv per frame, then for a temporal one a stride-2 conv in time.
+
+    The spatial conv pads one zero row and column after the image only (the
+    official ZeroPad2d((0, 1, 0, 1))). The time conv is unpadded: its
+    window reaches back to the last frame of the previous chunk, so a chunk
+    of 2n frames gives n; the first chunk's single frame passes through
+    untouched, as in the official code.
+    """
+
+    def __init__(self, dim: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+        self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x: torch.Tensor, cache: FrameCache, first_chunk: bool) -> torch.Tensor:
+        x = per_frame(self.resample, x)
+        if self.time_conv is not None:
+            past = cache.get(self.time_conv)
+            cache[self.time_conv] = x[:, :, -1:].clone()
+            if not first_chunk:
+                x = self.time_conv(torch.cat([past, x], dim=2))
+        return x
+
+
+def per_frame(layers: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply 2-D layers to each frame of a video [b, c, t, h, w]."""
+    b, c, t, h, w = x.shape
+    frames = layers(x.transpose(1, 2).reshape(b * t, c, h, w))
+    return frames.view(b, t, *frames.shape[1:]).transpose(1, 2)
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, config: WanVAEConfig) -> None:
+        super().__init__()
+        dims = config.encoder_dims
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+
+        # A flat list, as the checkpoint numbers it: per stage num_res_blocks
+        # residual blocks, then (except after the last stage) one downsampler.
+        downsamples: list[nn.Module] = []
+        last_stage = len(config.dim_mult) - 1
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(config.num_res_blocks):
+                downsamples.append(ResidualBlock(in_dim, out_dim, config.dropout))
+                in_dim = out_dim
+            if i != last_stage:
+                downsamples.append(Downsampler(out_dim, temporal=config.temperal_downsample[i]))
+        self.downsamples = nn.Sequential(*downsamples)
+        width = dims[-1]
+        self.middle = nn.Sequential(
+            ResidualBlock(width, width, config.dropout), AttentionBlock(width),
+            ResidualBlock(width, width, config.dropout))
+        # 2 * z_dim outputs: the posterior's mean and log-variance.
+        self.head = nn.Sequential(
+            RMSNorm(width, images=False), nn.SiLU(), CausalConv3d(width, 2 * config.z_dim, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, cache: FrameCache, first_chunk: bool) -> torch.Tensor:
+        x = self.conv1(x, cache)
+        for layer in self.downsamples:
+            x = layer(x, cache, first_chunk) if isinstance(layer, Downsampler) else layer(x, cache)
+        for layer in self.middle:
+            x = layer(x) if isinstance(layer, AttentionBlock) else layer(x, cache)
+        for layer in self.head:
+            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x
 
 
 class Decoder3d(nn.Module):
@@ -204,8 +283,7 @@ class Decoder3d(nn.Module):
                 upsamples.append(ResidualBlock(in_dim, out_dim, config.dropout))
                 in_dim = out_dim
             if i != last_stage:
-                mode = "upsample3d" if config.temperal_upsample[i] else "upsample2d"
-                upsamples.append(Resample(out_dim, mode))
+                upsamples.append(Upsampler(out_dim, temporal=config.temperal_upsample[i]))
         self.upsamples = nn.Sequential(*upsamples)
         self.head = nn.Sequential(
             RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
@@ -215,22 +293,68 @@ class Decoder3d(nn.Module):
         for layer in self.middle:
             x = layer(x) if isinstance(layer, AttentionBlock) else layer(x, cache)
         for layer in self.upsamples:
-            x = layer(x, cache, first_chunk) if isinstance(layer, Resample) else layer(x, cache)
+            x = layer(x, cache, first_chunk) if isinstance(layer, Upsampler) else layer(x, cache)
         for layer in self.head:
             x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
         return x
 
 
 class WanVAE(nn.Module):
-    """The decoding half of WanVAE_: `conv2` (post-quant 1x1x1 conv) and `decoder`."""
+    """WanVAE_: `encoder` and `conv1` (quant conv) encode, `conv2` (post-quant conv) and `decoder` decode.
 
-    def __init__(self, config: WanVAEConfig = WanVAEConfig()) -> None:
+    With encoder=False only the decoding half is built (`encoder` and `conv1`
+    are None). Attributes are registered in the official order, so the state
+    dict lists tensors as the original file does.
+    """
+
+    def __init__(self, config: WanVAEConfig = WanVAEConfig(), encoder: bool = False) -> None:
         super().__init__()
         if config.z_dim != len(LATENT_MEAN):
             raise ValueError(f"the Wan2.1 latent statistics are for z_dim {len(LATENT_MEAN)}, not {config.z_dim}")
         self.config = config
+        z2 = 2 * config.z_dim
+        self.encoder = Encoder3d(config) if encoder else None
+        self.conv1 = CausalConv3d(z2, z2, 1) if encoder else None
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder3d(config)
+
+    def _latent_stats(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        weight = self.conv2.weight
+        stats = dict(dtype=weight.dtype, device=weight.device)
+        mean = torch.tensor(LATENT_MEAN, **stats).view(1, -1, 1, 1, 1)
+        std = torch.tensor(LATENT_STD, **stats).view(1, -1, 1, 1, 1)
+        return mean, std, stats
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Video [B, 3, 1 + 4k, H, W] in [-1, 1] -> normalised latents [B, 16, 1 + k, H/8, W/8], float32.
+
+        The latent is the posterior mean (no sampling), normalised as the DiT
+        sees it, (mu - mean) / std, as the official `WanVAE.encode` returns
+        it. Runs in the weights' dtype; videos are encoded one at a time, as
+        the official code does, so a video's latents do not depend on the batch.
+        """
+        if self.encoder is None:
+            raise ValueError("this WanVAE was built without its encoder: load it with load_vae(path, encoder=True)")
+        if video.ndim != 5 or video.shape[1] != 3 or not video.is_floating_point():
+            raise ValueError(f"video must be float [B, 3, F, H, W] in [-1, 1], got {video.dtype} {list(video.shape)}")
+        frames, height, width = video.shape[2:]
+        ft, fs = self.config.temporal_factor, self.config.spatial_factor
+        if (frames - 1) % ft or height % fs or width % fs or min(height, width) == 0:
+            raise ValueError(f"video of {frames} frames of {height}x{width}: the Wan2.1 VAE encodes "
+                             f"{ft}k+1 frames whose height and width are positive multiples of {fs}")
+        mean, std, stats = self._latent_stats()
+        mu = torch.cat([self._encode_video(video[i:i + 1].to(**stats)) for i in range(video.shape[0])])
+        # The official (mu - scale[0]) * scale[1] with scale = [mean, 1/std].
+        return ((mu - mean) * (1.0 / std)).float()
+
+    def _encode_video(self, x: torch.Tensor) -> torch.Tensor:
+        # The first frame alone, then temporal_factor frames per chunk: one latent frame each.
+        step = self.config.temporal_factor
+        chunks = [x[:, :, :1]] + [x[:, :, i:i + step] for i in range(1, x.shape[2], step)]
+        cache: FrameCache = {}
+        out = torch.cat([self.encoder(chunk, cache, first_chunk=(i == 0)) for i, chunk in enumerate(chunks)], dim=2)
+        return self.conv1(out)[:, :self.config.z_dim]  # mu; the log-variance is not used
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -243,10 +367,7 @@ class WanVAE(nn.Module):
         """
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
             raise ValueError(f"latents must be [B, {self.config.z_dim}, T, h, w], got {list(latents.shape)}")
-        weight = self.conv2.weight
-        stats = dict(dtype=weight.dtype, device=weight.device)
-        mean = torch.tensor(LATENT_MEAN, **stats).view(1, -1, 1, 1, 1)
-        std = torch.tensor(LATENT_STD, **stats).view(1, -1, 1, 1, 1)
+        mean, std, stats = self._latent_stats()
         # The official decode's z / scale[1] + scale[0] with scale = [mean, 1/std].
         z = latents.to(**stats) * std + mean
         videos = [self._decode_video(z[i:i + 1]) for i in range(z.shape[0])]
@@ -259,8 +380,9 @@ class WanVAE(nn.Module):
         return torch.cat(frames, dim=2)
 
 
-def _is_decoding_tensor(name: str) -> bool:
-    return name.startswith(("decoder.", "conv2."))
+def _is_read(name: str, encoder: bool) -> bool:
+    """Whether load_vae reads this tensor: the decoding half always, the encoding half on request."""
+    return name.startswith(("decoder.", "conv2.", *(("encoder.", "conv1.") if encoder else ())))
 
 
 def infer_config(shapes: Mapping[str, Sequence[int]]) -> WanVAEConfig:
@@ -311,21 +433,22 @@ def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def _build(path: Path, shapes: Mapping[str, tuple[int, ...]],
-           fetch: Callable[[str], torch.Tensor]) -> WanVAE:
-    """Check the file's decoding tensors against the model they describe, then assign them."""
+           fetch: Callable[[str], torch.Tensor], encoder: bool) -> WanVAE:
+    """Check the file's tensors against the model its decoder describes, then assign them."""
     try:
         config = infer_config(shapes)
     except VAEError as err:
         raise VAEError(f"{path}: {err}") from None
     with torch.device("meta"):
-        model = WanVAE(config)
+        model = WanVAE(config, encoder=encoder)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for name in expected:
         if name not in shapes:
             raise VAEError(f"{path}: missing tensor {name!r}")
     for name in shapes:
         if name not in expected:
-            raise VAEError(f"{path}: unexpected tensor {name!r} for a Wan2.1 VAE decoder with {config}")
+            halves = "encoder and decoder" if encoder else "decoder"
+            raise VAEError(f"{path}: unexpected tensor {name!r} for a Wan2.1 VAE {halves} with {config}")
     for name, want in expected.items():
         got = tuple(shapes[name])
         # GGUF writers may drop unit axes (gamma [dim, 1, 1, 1] stored as [dim]).
@@ -337,11 +460,13 @@ def _build(path: Path, shapes: Mapping[str, tuple[int, ...]],
 
 
 def load_vae(path: str | os.PathLike[str], device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> WanVAE:
-    """Load the decoding half of an original-layout Wan2.1 VAE (.safetensors or .gguf).
+             dtype: torch.dtype = torch.float32, encoder: bool = False) -> WanVAE:
+    """Load an original-layout Wan2.1 VAE (.safetensors or .gguf), by default its decoding half only.
 
-    The format is read from the file's first bytes; only `decoder.*` and
-    `conv2.*` are read (memory-mapped), the encoder is skipped.
+    The format is read from the file's first bytes; `decoder.*` and `conv2.*`
+    are read (memory-mapped), and with encoder=True also `encoder.*` and
+    `conv1.*`, checked against the size the decoder implies. Otherwise the
+    encoder's tensors are never read, not even their shapes.
     """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -355,91 +480,13 @@ def load_vae(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     if magic == b"GGUF":
         # Tensors handed out keep their pages of the map alive after the file closes.
         with GGUFFile(path) as gguf_file:
-            shapes = {name: gguf_file.shape(name) for name in gguf_file.tensor_names if _is_decoding_tensor(name)}
-            return _build(path, shapes, lambda name: gguf_file.dequantize(name, dtype, device))
+            shapes = {name: gguf_file.shape(name) for name in gguf_file.tensor_names if _is_read(name, encoder)}
+            return _build(path, shapes, lambda name: gguf_file.dequantize(name, dtype, device), encoder)
 
     try:
         file = safe_open(str(path), framework="pt", device="cpu")
     except SafetensorError as err:
         raise VAEError(f"{path}: neither a safetensors nor a GGUF file ({err})") from None
     with file:
-        shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys() if _is_decoding_tensor(name)}
-        return _build(path, shapes, lambda name: file.get_tensor(name).to(device=device, dtype=dtype))
-
-
-def vae_file_shapes(config: WanVAEConfig = WanVAEConfig()) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an original-layout VAE file (encoder, conv1, conv2, decoder) and its shape.
-
-    The encoder is only described here (Encoder3d in the official code), never built.
-    """
-    def add(prefix: str, module: nn.Module) -> None:
-        dot = f"{prefix}." if prefix else ""
-        shapes.update({dot + name: tuple(t.shape) for name, t in module.state_dict().items()})
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    z2 = config.z_dim * 2  # the encoder predicts mean and log-variance
-    dims = [config.base_dim * m for m in (1, *config.dim_mult)]
-    with torch.device("meta"):
-        add("encoder.conv1", CausalConv3d(3, dims[0], 3, padding=1))
-        index = 0
-        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
-            for _ in range(config.num_res_blocks):
-                add(f"encoder.downsamples.{index}", ResidualBlock(in_dim, out_dim))
-                index, in_dim = index + 1, out_dim
-            if i != len(config.dim_mult) - 1:
-                # Downsampler: a stride-2 3x3 conv, and in 3d mode a stride-2 (3,1,1) time conv.
-                prefix = f"encoder.downsamples.{index}"
-                shapes[f"{prefix}.resample.1.weight"] = (out_dim, out_dim, 3, 3)
-                shapes[f"{prefix}.resample.1.bias"] = (out_dim,)
-                if config.temperal_downsample[i]:
-                    shapes[f"{prefix}.time_conv.weight"] = (out_dim, out_dim, 3, 1, 1)
-                    shapes[f"{prefix}.time_conv.bias"] = (out_dim,)
-                index += 1
-        width = dims[-1]
-        add("encoder.middle", nn.Sequential(ResidualBlock(width, width), AttentionBlock(width), ResidualBlock(width, width)))
-        add("encoder.head", nn.Sequential(RMSNorm(width, images=False), nn.SiLU(), CausalConv3d(width, z2, 3, padding=1)))
-        add("conv1", CausalConv3d(z2, z2, 1))
-        add("", WanVAE(config))
-    return shapes
-
-
-def tiny_vae_state_dict(seed: int, config: WanVAEConfig = TINY_VAE_CONFIG) -> dict[str, torch.Tensor]:
-    """A random original-layout VAE state dict (encoder included, as real files hold), float32.
-
-    Drawn in file order from one seeded CPU generator, so the same seed gives
-    the same tensors. Scales keep a random decoder's activations sane: conv
-    weights ~ N(0, 1/fan_in), the residual branch's last conv and the output
-    conv damped so residual sums grow slowly and the video is not saturated;
-    norms gamma ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in vae_file_shapes(config).items():
-        noise = torch.randn(shape, generator=generator)
-        if name.endswith(".gamma"):
-            state[name] = 1.0 + 0.1 * noise
-        elif name.endswith(".bias"):
-            state[name] = 0.02 * noise
-        else:
-            damped = ".residual.6." in name or name.startswith(("decoder.head.2.", "encoder.head.2."))
-            gain = 0.5 if damped else 1.0
-            state[name] = noise * (gain / math.sqrt(math.prod(shape[1:])))
-    return state
-
-
-def write_vae_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
-    """Write a VAE state dict as safetensors, byte-identical for identical input.
-
-    Tensors go out under their names as given (the original layout) and in
-    their dtypes; the file is written next to `path` and renamed, so a crash
-    never leaves a half file under the real name.
-    """
-    path = Path(path)
-    tensors = {name: state_dict[name].detach().to("cpu").contiguous() for name in sorted(state_dict)}
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        shapes = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys() if _is_read(name, encoder)}
+        return _build(path, shapes, lambda name: file.get_tensor(name).to(device=device, dtype=dtype), encoder)
