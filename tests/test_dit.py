@@ -1,9 +1,11 @@
 """The Wan DiT against diffusers' WanTransformer3DModel, and its community-layout GGUF files.
 
 The oracle is a tiny random diffusers model (heads 2 x head dim 128, ffn 512,
-2 layers, text_dim 64). Its weights, renamed to the original Wan names, go into
-our `WanModel` directly and through GGUF files that we write; diffusers' own
-GGUF loader reads the same files.
+2 layers, text_dim 64) in the three channel layouts: 16 -> 16 (Wan2.1 T2V, the
+Wan2.2 T2V-A14B experts), 48 -> 48 with per-token timesteps (Wan2.2 TI2V-5B)
+and 36 -> 16 (the Wan2.2 I2V-A14B experts). Its weights, renamed to the
+original Wan names, go into our `WanModel` directly and through GGUF files that
+we write; diffusers' own GGUF loader reads the same files.
 """
 from __future__ import annotations
 
@@ -16,18 +18,18 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 
+from engine.gguf import GGUFFile
+from engine.wan.convert.dit import community_qtype, write_dit_gguf
 from engine.wan.dit import (
     WAN_CONFIGS,
     ModelConfigError,
     WanConfig,
     WanModel,
-    community_qtype,
     config_name,
     expected_shapes,
     infer_config,
     load_dit,
     rope_axis_dims,
-    write_dit_gguf,
 )
 
 Q = GGMLQuantizationType
@@ -66,15 +68,14 @@ def to_wan_names(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(diffusers model, its weights under the original Wan names, a directory holding its config.json in config/)."""
+def tiny_diffusers_model(root, in_channels: int, out_channels: int):
+    """(diffusers model, its weights under the original Wan names, root); its config.json goes to root/config/."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
     ref = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
-        text_dim=64, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=in_channels,
+        out_channels=out_channels, text_dim=64, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", eps=1e-6,
     ).eval().requires_grad_(False)
     # The official init zeroes the head and sets norms to 1: re-randomise every
@@ -83,14 +84,19 @@ def tiny(tmp_path_factory):
     for name, p in ref.named_parameters():
         scale = 0.5 if p.ndim == 1 or "scale_shift_table" in name else 1.0 / math.sqrt(p[0].numel())
         p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if "norm" in name else 0.0))
-    root = tmp_path_factory.mktemp("dit")
     ref.save_config(root / "config")
     return ref, to_wan_names(ref.state_dict()), root
 
 
-def inputs(batch: int = 2):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The 16 -> 16 model (Wan2.1 T2V layout)."""
+    return tiny_diffusers_model(tmp_path_factory.mktemp("dit"), 16, 16)
+
+
+def inputs(batch: int = 2, channels: int = 16):
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, 16, 3, 8, 8, generator=gen)
+    x = torch.randn(batch, channels, 3, 8, 8, generator=gen)
     t = torch.tensor([999.0, 500.0][:batch])
     context = torch.randn(batch, 512, 64, generator=gen)
     for i, length in enumerate([7, 12][:batch]):
@@ -287,6 +293,109 @@ def test_half_precision_compute_stays_close_to_float32(files, dtype, tolerance):
     assert err < tolerance, err
 
 
+# --- Wan2.2: per-token timesteps (TI2V-5B, 48 -> 48), image channels (I2V-A14B, 36 -> 16) ---
+
+# float32 on both sides from the same weights: only the order of float32 ops differs.
+ATOL, RTOL = 5e-5, 1e-5
+
+
+def assert_rejected(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """`got` (a deliberate mistake) is far outside the oracle tolerance, so the tolerance can fail."""
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert (got - expected).abs().max() > 1000 * ATOL
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory):
+    """(diffusers 48 -> 48 model, Wan-named weights, config root, the weights as a real F32 GGUF file)."""
+    ref, state, root = tiny_diffusers_model(tmp_path_factory.mktemp("ti2v"), 48, 48)
+    path = root / "ti2v_F32.gguf"
+    write_dit_gguf(state, path, "F32", metadata=TINY_HEADS)
+    return ref, state, root, path
+
+
+def ti2v_timesteps(t: torch.Tensor, grid: tuple[int, int, int], image_frames: int = 1) -> torch.Tensor:
+    """[B] -> [B, f*h*w] as wan/textimage2video.py builds them: 0 on the image's latent frame(s), t elsewhere."""
+    mask = torch.ones(grid)  # official mask2[0][0][:, ::2, ::2], over patch tokens
+    mask[:image_frames] = 0
+    return mask.flatten() * t[:, None]
+
+
+@torch.no_grad()
+def test_per_token_timesteps_match_diffusers_ti2v_through_gguf(ti2v, monkeypatch):
+    ref, _, root, path = ti2v
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    x, t, context = inputs(channels=48)
+    grid = (3, 4, 4)  # 3 x 8 x 8 latents, patch 1 x 2 x 2: 48 tokens
+    per_token = ti2v_timesteps(t, grid)
+    assert per_token.shape == (2, 48) and per_token[:, :16].abs().max() == 0 and per_token[:, 16:].min() == 500
+
+    ours = load_dit(path)
+    expected = diffusers_from_gguf(path, root / "config")(x, per_token, context, return_dict=False)[0]
+    got = ours(x, per_token, context)
+    assert got.shape == (2, 48, 3, 8, 8) and expected.abs().max() > 0.5
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(ref(x, per_token, context, return_dict=False)[0], expected, atol=ATOL, rtol=RTOL)
+
+    # Mistakes the tolerance rejects: one timestep for every token (the first frame not at 0),
+    # the first frame's timestep swapped with the rest's, the zero on the last frame instead of the first.
+    assert_rejected(ours(x, t, context), expected)
+    assert_rejected(ours(x, per_token.amax(1, keepdim=True) - per_token, context), expected)
+    assert_rejected(ours(x, per_token.flip(1), context), expected)
+
+
+@torch.no_grad()
+def test_uniform_per_token_timesteps_equal_the_per_sample_path(ti2v):
+    _, _, _, path = ti2v
+    model = load_dit(path)
+    x, t, context = inputs(channels=48)
+    assert torch.equal(model(x, t[:, None].expand(2, 48), context), model(x, t, context))
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (1,), (2, 47), (2, 49), (1, 48), (2, 48, 1)])
+@torch.no_grad()
+def test_wrong_timestep_shapes_are_refused_in_one_line(ti2v, shape):
+    _, _, _, path = ti2v
+    x, _, context = inputs(channels=48)
+    with pytest.raises(ValueError) as info:
+        load_dit(path)(x, torch.full(shape, 500.0), context)
+    assert str(info.value) == (f"t has shape {list(shape)}; expected [2] (one timestep per sample) "
+                               "or [2, 48] (one per patch token)")
+
+
+@pytest.fixture(scope="module")
+def i2v(tmp_path_factory):
+    """(diffusers 36 -> 16 model without an image embedding, as the Wan2.2 I2V-A14B experts, its F32 GGUF file)."""
+    ref, state, root = tiny_diffusers_model(tmp_path_factory.mktemp("i2v"), 36, 16)
+    path = root / "i2v_F32.gguf"
+    write_dit_gguf(state, path, "F32", metadata=TINY_HEADS)
+    return ref, path
+
+
+@torch.no_grad()
+def test_image_channels_36_to_16_match_diffusers(i2v):
+    ref, path = i2v
+    gen = torch.Generator().manual_seed(4)
+    noise, _, context = inputs()
+    mask = torch.zeros(2, 4, 3, 8, 8)
+    mask[:, :, 0] = 1  # official msk: the given image is frame 0
+    image = torch.randn(2, 16, 3, 8, 8, generator=gen)
+    x = torch.cat([noise, mask, image], dim=1)  # [noise 16; mask 4; image latent 16], as the caller builds it
+    t = torch.tensor([900.0, 900.0])
+
+    model = load_dit(path)
+    assert (model.config.in_dim, model.config.out_dim) == (36, 16)
+    expected = ref(x, t, context, return_dict=False)[0]
+    got = model(x, t, context)
+    assert got.shape == (2, 16, 3, 8, 8) and expected.abs().max() > 0.5
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    # The channel order counts: [noise; image; mask] is rejected.
+    assert_rejected(model(torch.cat([noise, image, mask], dim=1), t, context), expected)
+    with pytest.raises(ValueError, match="^x has 16 channels, the DiT takes 36$"):
+        model(noise, t, context)
+
+
 # --- infer_config ---------------------------------------------------------------------
 
 
@@ -302,8 +411,18 @@ def test_published_configs_round_trip_through_their_shapes(name):
 
 def test_published_sizes():
     assert (WAN_CONFIGS["t2v-1.3B"].dim, WAN_CONFIGS["t2v-1.3B"].num_heads, WAN_CONFIGS["t2v-1.3B"].num_layers) == (1536, 12, 30)
-    assert WAN_CONFIGS["i2v-14B"].model_type == "i2v" and WAN_CONFIGS["t2v-14B"].model_type == "t2v"
+    assert (WAN_CONFIGS["i2v-A14B"].in_dim, WAN_CONFIGS["i2v-A14B"].out_dim) == (36, 16)
+    ti2v = WAN_CONFIGS["ti2v-5B"]
+    assert (ti2v.dim, ti2v.ffn_dim, ti2v.num_heads, ti2v.num_layers) == (3072, 14336, 24, 30)
+    assert (ti2v.in_dim, ti2v.out_dim) == (48, 48)
     assert config_name(WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=64)) is None
+
+
+@pytest.mark.parametrize("name", list(WAN_CONFIGS))
+def test_published_models_have_the_tensors_of_their_shapes(name):
+    with torch.device("meta"):
+        model = WanModel(WAN_CONFIGS[name])
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == expected_shapes(WAN_CONFIGS[name])
 
 
 def test_head_count_from_metadata():
@@ -333,12 +452,47 @@ def test_load_dit_names_the_file_and_the_missing_tensor(tiny, tmp_path):
         load_dit(path)
 
 
-def test_i2v_is_recognised_but_not_built():
-    cfg = infer_config(expected_shapes(WAN_CONFIGS["i2v-14B"]))
-    assert cfg.model_type == "i2v"
-    with pytest.raises(ModelConfigError, match="i2v"):
-        with torch.device("meta"):
-            WanModel(cfg)
+@pytest.fixture(scope="module")
+def variant_files(tiny, tmp_path_factory):
+    """GGUF files of a tiny Wan2.1 I2V DiT (image embedding, image cross-attention) and a tiny VACE DiT."""
+    _, state, _ = tiny
+    gen = torch.Generator().manual_seed(3)
+    dim, clip = 256, 32
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen)
+
+    i2v = {**state, "patch_embedding.weight": rand(dim, 36, 1, 2, 2)}
+    for i, shape in {0: (clip,), 1: (clip, clip), 3: (dim, clip), 4: (dim,)}.items():
+        i2v[f"img_emb.proj.{i}.weight"] = rand(*shape)
+        i2v[f"img_emb.proj.{i}.bias"] = rand(shape[0])
+    for b in range(2):
+        for proj in ("k_img", "v_img"):
+            i2v[f"blocks.{b}.cross_attn.{proj}.weight"] = rand(dim, dim)
+            i2v[f"blocks.{b}.cross_attn.{proj}.bias"] = rand(dim)
+        i2v[f"blocks.{b}.cross_attn.norm_k_img.weight"] = rand(dim)
+
+    vace = {**state, "vace_patch_embedding.weight": rand(dim, 96, 1, 2, 2), "vace_patch_embedding.bias": rand(dim)}
+    vace |= {f"vace_blocks.0.{n[len('blocks.0.'):]}": v for n, v in state.items() if n.startswith("blocks.0.")}
+    vace |= {"vace_blocks.0.before_proj.weight": rand(dim, dim), "vace_blocks.0.after_proj.weight": rand(dim, dim)}
+
+    root = tmp_path_factory.mktemp("variants")
+    paths = {"Wan2.1 I2V": root / "wan21_i2v.gguf", "VACE": root / "vace.gguf"}
+    write_dit_gguf(i2v, paths["Wan2.1 I2V"], "Q8_0", metadata=TINY_HEADS)
+    write_dit_gguf(vace, paths["VACE"], "Q8_0", metadata=TINY_HEADS)
+    return paths
+
+
+@pytest.mark.parametrize("variant, tensor", [("Wan2.1 I2V", "blocks.0.cross_attn.k_img.bias"),
+                                             ("VACE", "vace_blocks.0.after_proj.weight")])
+def test_wan21_i2v_and_vace_files_are_refused_in_one_line(variant_files, variant, tensor):
+    path = variant_files[variant]
+    with pytest.raises(ModelConfigError) as info:
+        load_dit(path)
+    assert str(info.value) == f"{path}: a {variant} DiT (it has {tensor!r}): {variant} is not supported yet"
+    with GGUFFile(path) as f:  # the header check the driver runs before Ray starts says the same
+        with pytest.raises(ModelConfigError, match=f"^a {variant} DiT .*not supported yet$"):
+            infer_config({name: f.shape(name) for name in f.tensor_names}, f.metadata)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -349,3 +503,21 @@ def test_cuda_matches_cpu(files):
     for policy in ("dequantize_once", "on_the_fly"):
         gpu = load_dit(files["Q8_0"], device="cuda", policy=policy)(x.cuda(), t.cuda(), context.cuda())
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_per_token_timesteps_match_cpu(ti2v):
+    _, _, _, path = ti2v
+    x, t, context = inputs(channels=48)
+    per_token = ti2v_timesteps(t, (3, 4, 4))
+    cpu = load_dit(path)(x, per_token, context)
+    gpu_model = load_dit(path, device="cuda")
+    gpu = gpu_model(x.cuda(), per_token.cuda(), context.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
+    # t may stay on the CPU; the uniform table still equals the per-sample path on the device.
+    assert torch.equal(gpu_model(x.cuda(), per_token, context.cuda()), gpu)
+    uniform = t[:, None].expand(2, 48).cuda()
+    assert torch.equal(gpu_model(x.cuda(), uniform, context.cuda()), gpu_model(x.cuda(), t.cuda(), context.cuda()))
+    half = load_dit(path, device="cuda", dtype=torch.bfloat16)(x.cuda(), per_token.cuda(), context.cuda())
+    assert (half.cpu() - cpu).abs().max() / cpu.abs().max() < 2e-2

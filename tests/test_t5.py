@@ -18,9 +18,9 @@ from engine.wan.t5 import (
     infer_config,
     llama_to_hf,
     load_text_encoder,
-    write_umt5_gguf,
 )
-from engine.wan.tokenizer import Tokenizer, train_tiny_tokenizer
+from engine.wan.convert.t5 import train_tiny_tokenizer, write_umt5_gguf
+from engine.wan.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

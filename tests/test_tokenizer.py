@@ -12,14 +12,8 @@ from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from engine.gguf import GGUFFile, write_gguf
-from engine.wan.tokenizer import (
-    Tokenizer,
-    TokenizerError,
-    clean_prompt,
-    gguf_tokenizer_metadata,
-    tiny_corpus,
-    train_tiny_tokenizer,
-)
+from engine.wan.convert.t5 import gguf_tokenizer_metadata, tiny_corpus, train_tiny_tokenizer
+from engine.wan.tokenizer import Tokenizer, TokenizerError, clean_prompt
 
 EXTRA_ROWS = 5  # embedding rows beyond the pieces, as umT5 has 84
 

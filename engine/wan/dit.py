@@ -1,4 +1,11 @@
-"""The Wan2.1 diffusion transformer (DiT), as wan/modules/model.py defines it.
+"""The Wan diffusion transformer (DiT), as wan/modules/model.py of Wan2.1 and Wan2.2 defines it.
+
+One model for every variant without an image encoder or VACE blocks: Wan2.1
+T2V, the Wan2.2 A14B experts (T2V 16 -> 16 channels; I2V 36 -> 16, the caller
+concatenating [noise 16; mask 4; image latent 16] along channels), and Wan2.2
+TI2V-5B (48 -> 48, one timestep per token so the image's first frame can sit
+at t = 0). Files of Wan2.1 I2V (`img_emb`, `cross_attn.k_img`) and VACE
+(`vace_blocks`) are recognised and refused.
 
 Module attribute names equal the names of the original checkpoint
 (`blocks.N.self_attn.q.weight`, `head.modulation`, ...), which are also the
@@ -24,16 +31,14 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
-from gguf.constants import GGML_QUANT_SIZES
 
 from engine.gguf.linear import load_gguf_into
 from engine.gguf.reader import GGUFFile
-from engine.gguf.writer import write_gguf
 
 
 class ModelConfigError(ValueError):
-    """A DiT state dict / file whose tensors do not make a Wan model (missing or mis-shaped tensor)."""
+    """A DiT state dict / file whose tensors do not make a Wan model we run (missing or mis-shaped
+    tensor, or a variant not supported yet)."""
 
 
 # --- configuration --------------------------------------------------------------------
@@ -59,21 +64,17 @@ class WanConfig:
     def head_dim(self) -> int:
         return self.dim // self.num_heads
 
-    @property
-    def model_type(self) -> str:
-        """'i2v' for the image-to-video input (16 noise + 4 mask + 16 image channels), else 't2v'."""
-        return "i2v" if self.in_dim == 36 else "t2v"
 
-
-# Published sizes (wan/configs/*.py of Wan2.1 and Wan2.2). The Wan2.2 A14B
-# experts have exactly the shapes of Wan2.1 T2V-14B.
+# Published sizes (wan/configs/*.py of Wan2.1 and Wan2.2). The Wan2.2 T2V-A14B
+# experts have exactly the shapes of Wan2.1 T2V-14B; the I2V-A14B experts take
+# 36 input channels (noise 16, mask 4, image latent 16) and have no image embedding.
 _SHARED = dict(text_dim=4096, freq_dim=256, text_len=512, patch_size=(1, 2, 2), eps=1e-6)
 WAN_CONFIGS: dict[str, WanConfig] = {
     "t2v-1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16, **_SHARED),
     "t2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16, **_SHARED),
-    "i2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16, **_SHARED),
-    "ti2v-5B": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48, **_SHARED),
     "t2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16, **_SHARED),
+    "i2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16, **_SHARED),
+    "ti2v-5B": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48, **_SHARED),
 }
 
 HEAD_DIM = 128  # every published Wan DiT
@@ -82,12 +83,12 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
 def config_name(cfg: WanConfig) -> str | None:
-    """The first published size equal to `cfg` (T2V-14B for the shape-identical A14B experts), or None."""
+    """The first published size equal to `cfg` ("t2v-14B" for the shape-identical T2V-A14B experts), or None."""
     return next((name for name, known in WAN_CONFIGS.items() if known == cfg), None)
 
 
 def expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of a T2V Wan DiT with `cfg` (the original checkpoint layout)."""
+    """Name -> shape of every tensor of a Wan DiT with `cfg` (the original checkpoint layout)."""
     d, pt, ph, pw = cfg.dim, *cfg.patch_size
     shapes: dict[str, tuple[int, ...]] = {
         "patch_embedding.weight": (d, cfg.in_dim, pt, ph, pw),
@@ -133,15 +134,27 @@ def _squeeze_leading(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+# Variants with modules `WanModel` does not have yet -> name parts only their files hold
+# (Wan2.1 FLF2V files hold `img_emb` too: they are Wan2.1 I2V models given two images).
+UNSUPPORTED_VARIANTS = {
+    "VACE": ("vace_patch_embedding.", "vace_blocks."),
+    "Wan2.1 I2V": ("img_emb.", ".cross_attn.k_img.", ".cross_attn.v_img."),
+}
+
+
 def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, Any] | None = None) -> WanConfig:
     """The `WanConfig` of a DiT state dict, from its tensor shapes (PyTorch order).
 
     Published files carry no hyper-parameters; the head count is dim // 128
     unless `metadata` has `wan.attention.head_count` (tiny test models).
     Checks every tensor the model needs; raises `ModelConfigError` naming the
-    first one missing or mis-shaped.
+    first one missing or mis-shaped, or the variant (Wan2.1 I2V, VACE) that is
+    not supported yet.
     """
     shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
+    for variant, parts in UNSUPPORTED_VARIANTS.items():
+        if found := next((name for name in sorted(shapes) if any(part in name for part in parts)), None):
+            raise ModelConfigError(f"a {variant} DiT (it has {found!r}): {variant} is not supported yet")
 
     def need(name: str, ndim: int) -> tuple[int, ...]:
         if name not in shapes:
@@ -293,7 +306,7 @@ class WanSelfAttention(nn.Module):
 
 
 class WanCrossAttention(WanSelfAttention):
-    """T2V cross-attention: queries from the video tokens, keys/values from the (padded) text context."""
+    """Text cross-attention: queries from the video tokens, keys/values from the (padded) text context."""
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
@@ -316,9 +329,9 @@ class WanAttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim] float32 residual stream (updated in place), e [B, 6, dim] float32."""
+        """x [B, L, dim] float32 residual stream (updated in place), e [B, 1 or L, 6, dim] float32."""
         dtype = context.dtype
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).chunk(6, dim=1)
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).unbind(2)
         y = self.self_attn(torch.addcmul(shift, self.norm1(x), 1 + scale).to(dtype), freqs)
         x.addcmul_(y, gate)
         x.add_(self.cross_attn(self.norm3(x).to(dtype), context))
@@ -335,8 +348,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim] float32, e [B, dim] float32 (the time embedding before projection)."""
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        """x [B, L, dim] float32, e [B, 1 or L, dim] float32 (the time embedding before projection)."""
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
         return _in_own_dtype(self.head, torch.addcmul(shift, self.norm(x), 1 + scale))
 
 
@@ -364,12 +377,10 @@ def is_float32_param(name: str) -> bool:
 
 
 class WanModel(nn.Module):
-    """Wan2.1 T2V DiT: forward(x[B,in_dim,F,H,W], t[B], context[B,L,text_dim]) -> velocity [B,out_dim,F,H,W]."""
+    """The Wan DiT: latents, timesteps and text context in, the flow-matching velocity out."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
-        if cfg.model_type != "t2v":
-            raise ModelConfigError(f"{cfg.model_type} DiTs (in_dim {cfg.in_dim}) are not supported: T2V only")
         self.config = cfg
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -390,24 +401,44 @@ class WanModel(nn.Module):
             self._rope_cache[key] = rope_table(grid, self.config.head_dim, device)
         return self._rope_cache[key]
 
+    def embed_time(self, t: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] or [B, L] -> e [B, 1 or L, dim] for the head, e0 [B, 1 or L, 6, dim] for the blocks, float32.
+
+        Per-token timesteps (Wan2.2 TI2V) take few distinct values (0 on the
+        image's first frame, t elsewhere), so each distinct value is embedded
+        once and the rows are gathered per token.
+        """
+        if t.shape == (batch,):
+            values, index = t, torch.arange(batch, device=t.device).unsqueeze(1)
+        elif t.shape == (batch, tokens):
+            values, index = t.unique(return_inverse=True)
+        else:
+            raise ValueError(f"t has shape {list(t.shape)}; expected [{batch}] (one timestep per sample) "
+                             f"or [{batch}, {tokens}] (one per patch token)")
+        e = _in_own_dtype(self.time_embedding, sinusoidal_embedding(values, self.config.freq_dim))
+        e0 = _in_own_dtype(self.time_projection, e).unflatten(1, (6, self.config.dim))
+        return e[index], e0[index]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B, in_dim, F, H, W], t [B] or [B, f*h*w] (one per patch token, in (frame, row, column) order),
+        context [B, <=text_len, text_dim] -> velocity [B, out_dim, F, H, W] float32."""
         cfg = self.config
-        batch, _, frames, height, width = x.shape
+        batch, channels, frames, height, width = x.shape
         pt, ph, pw = cfg.patch_size
+        if channels != cfg.in_dim:
+            raise ValueError(f"x has {channels} channels, the DiT takes {cfg.in_dim}")
         if frames % pt or height % ph or width % pw:
             raise ValueError(f"latent {frames}x{height}x{width} is not a multiple of the patch size {cfg.patch_size}")
         if context.shape[1] > cfg.text_len:
             raise ValueError(f"context has {context.shape[1]} tokens, more than text_len {cfg.text_len}")
-        dtype = self.patch_embedding.weight.dtype
+        grid = (frames // pt, height // ph, width // pw)
+        # Time: sinusoid -> MLP -> six modulation vectors per block, all float32.
+        e, e0 = self.embed_time(t.to(x.device), batch, math.prod(grid))
 
+        dtype = self.patch_embedding.weight.dtype
         x = self.patch_embedding(x.to(dtype))
-        grid = tuple(x.shape[2:])
         # The residual stream is float32 (official: bf16 + bf16 * float32 gate).
         x = x.flatten(2).transpose(1, 2).float().contiguous()
-
-        # Time: sinusoid -> MLP -> six modulation vectors per block, all float32.
-        e = _in_own_dtype(self.time_embedding, sinusoidal_embedding(t.to(x.device), cfg.freq_dim))
-        e0 = _in_own_dtype(self.time_projection, e).unflatten(1, (6, cfg.dim))
 
         # Text: zero-padded to text_len and attended in full, padding included (official).
         context = F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
@@ -424,52 +455,7 @@ class WanModel(nn.Module):
         return x.reshape(batch, cfg.out_dim, f * pt, h * ph, w * pw)
 
 
-# --- files ----------------------------------------------------------------------------
-
-# Substrings of names the community converters never quantize (city96 convert.py
-# keeps them in high precision; the patched llama-quantize skips them).
-NEVER_QUANTIZED = ("modulation", "patch_embedding", "text_embedding", "time_projection", "time_embedding",
-                   "img_emb", "head")
-_SMALL_TENSOR = 1024  # convert.py QUANTIZATION_THRESHOLD: at most this many elements -> F32
-
-
-def community_qtype(name: str, shape: tuple[int, ...], quant: str | GGMLQuantizationType) -> GGMLQuantizationType:
-    """The GGML type a community Wan GGUF stores tensor `name` in, for a file quantized to `quant`.
-
-    Only 2-D weights inside `blocks.N` take `quant`; 1-D, small (<= 1024
-    elements) and never-quantized tensors are F32; a row that is not a whole
-    number of `quant` blocks falls back to F16 (as the patched llama-quantize does).
-    """
-    qtype = GGMLQuantizationType[quant] if isinstance(quant, str) else GGMLQuantizationType(quant)
-    if (
-        len(shape) != 2
-        or math.prod(shape) <= _SMALL_TENSOR
-        or not _BLOCK.match(name)
-        or any(part in name for part in NEVER_QUANTIZED)
-    ):
-        return GGMLQuantizationType.F32
-    block_size, _ = GGML_QUANT_SIZES[qtype]
-    if shape[-1] % block_size:
-        return GGMLQuantizationType.F16
-    return qtype
-
-
-def write_dit_gguf(
-    state_dict: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    quant: str = "Q8_0",
-    metadata: Mapping[str, Any] | None = None,
-) -> None:
-    """Write a DiT state dict (original Wan names) as a community-layout GGUF.
-
-    `general.architecture = "wan"`, names unchanged, shapes unchanged (5-D
-    `patch_embedding`, 3-D `.modulation`), types from `community_qtype`.
-    """
-    tensors = {}
-    for name, tensor in state_dict.items():
-        array = tensor.detach().to("cpu", torch.float32).numpy()
-        tensors[name] = (array, community_qtype(name, tuple(array.shape), quant))
-    write_gguf(path, "wan", tensors, metadata=metadata)
+# --- loading --------------------------------------------------------------------------
 
 
 def load_dit(

@@ -19,19 +19,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType, LlamaFileType
-from gguf.constants import GGML_QUANT_SIZES
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from engine.gguf import GGUFFile, GGUFFormatError, write_gguf
+from engine.gguf import GGUFFile, GGUFFormatError
 from engine.gguf.linear import WeightPolicy, load_gguf_into
-from engine.wan.tokenizer import Tokenizer, gguf_tokenizer_metadata
+from engine.wan.tokenizer import Tokenizer
 
 TEXT_LEN = 512  # Wan's text_len: the context the DiT attends to
 
@@ -312,13 +309,14 @@ def _llama_name_or_same(name: str) -> str:
         return name
 
 
-def _expected_shapes(config: UMT5Config) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: UMT5Config) -> dict[str, tuple[int, ...]]:
+    """Name (HF layout) -> shape of every encoder tensor, in the module order."""
     with torch.device("meta"):
         model = UMT5Encoder(config)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _check_tensors(path: Path, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, Sequence[int]],
+def check_tensors(path: Path, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, Sequence[int]],
                    file_name: Callable[[str], str]) -> None:
     """Every model tensor present with its shape, nothing else; the error names the file and the tensor as stored."""
     for name, shape in expected.items():
@@ -354,7 +352,7 @@ def _load_safetensors(path: Path, device: torch.device | str, dtype: torch.dtype
             file_names[name] = name  # shared.weight wins over the tied copy
         shapes = {model_name: tuple(f.get_slice(name).get_shape()) for model_name, name in file_names.items()}
         config = _infer_config_of(path, shapes, lambda name: file_names.get(name, name))
-        _check_tensors(path, _expected_shapes(config), shapes, lambda name: file_names.get(name, name))
+        check_tensors(path, expected_shapes(config), shapes, lambda name: file_names.get(name, name))
         state: dict[str, Tensor] = {}
         for model_name, name in file_names.items():
             tensor = f.get_tensor(name)
@@ -383,7 +381,7 @@ def _load_gguf(path: Path, device: torch.device | str, dtype: torch.dtype, polic
                                    "not a umT5 text encoder ('t5encoder')")
         shapes = {llama_to_hf(n): tuple(f.shape(n)) for n in f.tensor_names if not _decoder_half(n)}
         config = _infer_config_of(path, shapes, hf_to_llama)
-        _check_tensors(path, _expected_shapes(config), shapes, _llama_name_or_same)
+        check_tensors(path, expected_shapes(config), shapes, _llama_name_or_same)
         with torch.device("meta"):
             model = UMT5Encoder(config)
         # F32 weights on the CPU stay views of the file's memory map, so f stays open with them.
@@ -420,74 +418,3 @@ def load_text_encoder(
     else:
         model = _load_safetensors(path, device, dtype)
     return model.eval().requires_grad_(False)
-
-
-def _gguf_type(quant: str) -> GGMLQuantizationType:
-    try:
-        return GGMLQuantizationType[quant.upper()]
-    except KeyError:
-        raise TextEncoderError(f"unknown GGUF quantization {quant!r}") from None
-
-
-def write_umt5_gguf(
-    state_dict: Mapping[str, Tensor],
-    tokenizer_model_proto: bytes,
-    path: str | os.PathLike[str],
-    quant: str = "Q8_0",
-) -> None:
-    """Write the encoder as llama.cpp's convert_hf_to_gguf.py + llama-quantize do (arch "t5encoder").
-
-    2-D weights (the token embedding included, as in umt5-xxl-encoder-Q8_0.gguf)
-    are quantized to `quant`, falling back to F16 where a row is not a whole
-    number of blocks; norms and the relative-position biases stay F32
-    (llama-quantize never quantizes `attn_rel_b`). The tokenizer goes into the
-    `tokenizer.ggml.*` metadata. Same input -> same bytes.
-    """
-    qtype = _gguf_type(quant)
-    hf = {n: t for n, t in state_dict.items() if not n.startswith(("decoder.", "lm_head."))}
-    tied = hf.pop("encoder.embed_tokens.weight", None)
-    if tied is not None:
-        hf.setdefault("shared.weight", tied)
-    config = infer_config({n: tuple(t.shape) for n, t in hf.items()})
-    expected = _expected_shapes(config)
-    _check_tensors(Path("<state_dict>"), expected, {n: tuple(t.shape) for n, t in hf.items()}, lambda name: name)
-
-    block_size, _ = GGML_QUANT_SIZES[qtype]
-    tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] = {}
-    # llama.cpp's order: token_embd, the blocks in order, enc.output_norm.
-    for name in _ordered(expected):
-        array = hf[name].detach().to("cpu", torch.float32).numpy()
-        if array.ndim == 2 and "relative_attention_bias" not in name:
-            whole_blocks = array.shape[-1] % block_size == 0
-            tensors[hf_to_llama(name)] = (array, qtype if whole_blocks else GGMLQuantizationType.F16)
-        else:
-            tensors[hf_to_llama(name)] = (array, GGMLQuantizationType.F32)
-
-    arch = "t5encoder"
-    file_type = LlamaFileType.ALL_F32 if qtype == GGMLQuantizationType.F32 else LlamaFileType[f"MOSTLY_{qtype.name}"]
-    metadata: dict[str, Any] = {
-        f"{arch}.context_length": TEXT_LEN,
-        f"{arch}.embedding_length": config.dim,
-        f"{arch}.feed_forward_length": config.ffn_dim,
-        f"{arch}.block_count": config.num_layers,
-        f"{arch}.attention.head_count": config.heads,
-        f"{arch}.attention.key_length": config.head_dim,
-        f"{arch}.attention.value_length": config.head_dim,
-        f"{arch}.attention.layer_norm_epsilon": config.eps,
-        f"{arch}.attention.relative_buckets_count": config.num_buckets,
-        f"{arch}.attention.layer_norm_rms_epsilon": config.eps,
-        "general.file_type": int(file_type),
-        **gguf_tokenizer_metadata(tokenizer_model_proto, vocab_size=config.vocab),
-    }
-    write_gguf(path, arch, tensors, metadata)
-
-
-def _ordered(names: Iterable[str]) -> list[str]:
-    """shared first, blocks by number (not by string), the final norm last."""
-    def key(name: str) -> tuple[int, int, str]:
-        if name.startswith("shared."):
-            return (0, 0, name)
-        if m := _BLOCK_NAME.match(name):
-            return (1, int(m.group(1)), name)
-        return (2, 0, name)
-    return sorted(names, key=key)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import io
 import os
 import re
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import ftfy
 from google.protobuf.message import DecodeError
-from sentencepiece import SentencePieceProcessor, SentencePieceTrainer
+from sentencepiece import SentencePieceProcessor
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 if TYPE_CHECKING:
@@ -48,46 +47,7 @@ _PIECE_TYPES = {
     5: sp_pb2.ModelProto.SentencePiece.UNUSED,
     6: sp_pb2.ModelProto.SentencePiece.BYTE,
 }
-_UNUSED_SCORE = -10000.0  # what the converter gives the [PAD{i}] rows beyond the spm vocabulary
-
 _KEY = "tokenizer.ggml."
-
-
-def gguf_tokenizer_metadata(model_proto: bytes, vocab_size: int | None = None) -> dict[str, Any]:
-    """The `tokenizer.ggml.*` keys llama.cpp's converter writes for a T5 unigram model.
-
-    Rows of the embedding beyond the SentencePiece vocabulary (umT5: 256384
-    rows, 256300 pieces) become UNUSED `[PAD{id}]` tokens, as the converter does.
-    """
-    proto = sp_pb2.ModelProto()
-    proto.ParseFromString(model_proto)
-    if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.UNIGRAM:
-        raise TokenizerError("only unigram SentencePiece models (T5's) are supported")
-    pieces = list(proto.pieces)
-    vocab_size = len(pieces) if vocab_size is None else vocab_size
-    if vocab_size < len(pieces):
-        raise TokenizerError(f"the tokenizer has {len(pieces)} pieces but the embedding only {vocab_size} rows")
-    tokens = [p.piece for p in pieces] + [f"[PAD{i}]" for i in range(len(pieces), vocab_size)]
-    scores = [p.score for p in pieces] + [_UNUSED_SCORE] * (vocab_size - len(pieces))
-    types = [int(p.type) for p in pieces] + [int(sp_pb2.ModelProto.SentencePiece.UNUSED)] * (vocab_size - len(pieces))
-    spec = proto.trainer_spec
-    metadata: dict[str, Any] = {
-        _KEY + "model": "t5",
-        _KEY + "pre": "default",
-        _KEY + "tokens": tokens,
-        _KEY + "scores": scores,
-        _KEY + "token_type": types,
-        _KEY + "add_space_prefix": proto.normalizer_spec.add_dummy_prefix,
-        _KEY + "remove_extra_whitespaces": proto.normalizer_spec.remove_extra_whitespaces,
-    }
-    if proto.normalizer_spec.precompiled_charsmap:
-        # a UINT8 array, as gguf-py's add_precompiled_charsmap writes bytes
-        metadata[_KEY + "precompiled_charsmap"] = bytes(proto.normalizer_spec.precompiled_charsmap)
-    for key, piece_id in (("eos_token_id", spec.eos_id), ("unknown_token_id", spec.unk_id),
-                          ("padding_token_id", spec.pad_id)):
-        if piece_id >= 0:
-            metadata[_KEY + key] = piece_id
-    return metadata
 
 
 def _model_proto_from_metadata(meta: Mapping[str, Any], source: str) -> sp_pb2.ModelProto:
@@ -223,85 +183,3 @@ class Tokenizer:
             raise ValueError(f"max_length must leave room for EOS, got {max_length}")
         ids = self.processor.encode(clean_prompt(text), out_type=int)
         return ids[: max_length - 1] + [self.eos_id]
-
-
-# -- the tiny tokenizer of the embedded default model ------------------------
-
-_SUBJECTS = [
-    "a red fox", "two astronauts", "an old fisherman", "a tiny robot", "a herd of wild horses",
-    "the city skyline", "a golden retriever", "three paper boats", "a jazz pianist", "a hummingbird",
-    "a steam locomotive", "a field of sunflowers", "a glass of orange juice", "twin waterfalls",
-    "a sleepy cat", "a marching band", "an ice sculpture", "a lighthouse keeper",
-]
-_ACTIONS = [
-    "runs across", "floats above", "dances slowly through", "is reflected in", "walks along",
-    "spins around", "glides over", "rests beside", "emerges from", "melts into",
-]
-_PLACES = [
-    "a snowy forest", "the neon streets of Tokyo", "a quiet beach at dawn", "the surface of Mars",
-    "a crowded market", "an abandoned factory", "a mountain lake", "the desert at noon",
-    "a rainy alley", "a field of lavender", "a coral reef", "the rooftop garden",
-]
-_STYLES = [
-    "cinematic lighting", "shot on 35mm film", "4K, ultra detailed", "slow motion, 120 fps",
-    "drone footage", "watercolor style", "soft focus, bokeh", "golden hour", "black & white",
-    "handheld camera", "time-lapse", "close-up shot",
-]
-_CJK = [
-    "一只小猫在草地上奔跑，阳光明媚。", "夜晚的城市灯火辉煌，车流不息。", "海浪轻轻拍打着沙滩。",
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，",
-    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，",
-    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走",
-    "一位老人在公园里打太极拳。", "雪山脚下有一片宁静的湖泊。", "宇航员在月球表面行走。",
-    "東京の夜景がとても綺麗です。", "桜の花びらが風に舞っている。", "서울의 밤거리를 걷는 사람들.",
-    "熊猫正在吃竹子，镜头缓缓推进。", "金色的麦田在风中摇曳。",
-]
-
-
-def tiny_corpus() -> list[str]:
-    """A fixed corpus of a few hundred prompt-like sentences (English with digits and punctuation, CJK)."""
-    sentences = []
-    for i in range(240):
-        subject = _SUBJECTS[i % len(_SUBJECTS)]
-        action = _ACTIONS[(i * 7) % len(_ACTIONS)]
-        place = _PLACES[(i * 5 + i // 12) % len(_PLACES)]
-        style = _STYLES[(i * 11) % len(_STYLES)]
-        sentence = f"{subject.capitalize()} {action} {place}; {style}."
-        if i % 3 == 0:
-            sentence += f" Scene {i}, take {i % 7 + 1}: {1990 + i % 35}!"
-        if i % 4 == 1:
-            sentence = f'"{sentence}" (version {i / 8:.2f}) - 100% real?'
-        sentences.append(sentence)
-    for i, text in enumerate(_CJK * 4):
-        sentences.append(text if i % 2 else f"{text} {i}")
-    return sentences
-
-
-def train_tiny_tokenizer(vocab_size: int = 600) -> bytes:
-    """A small umT5-like unigram SentencePiece model, byte-identical on every run.
-
-    Like umT5's: pad=0, eos=1, unk=2, no BOS, NFKC normalization, byte fallback.
-    vocab_size must lie in 491..748 for this corpus (its characters and
-    the 256 byte pieces are required; the corpus supports no more pieces).
-
-    Single-threaded on a fixed corpus with no sampling or shuffling, so the
-    serialized model depends only on the sentencepiece version.
-    """
-    out = io.BytesIO()
-    try:
-        SentencePieceTrainer.train(
-            sentence_iterator=iter(tiny_corpus()),
-            model_writer=out,
-            model_type="unigram",
-            vocab_size=vocab_size,
-            character_coverage=1.0,
-            byte_fallback=True,
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-            num_threads=1,
-            input_sentence_size=0,
-            shuffle_input_sentence=False,
-            minloglevel=2,
-        )
-    except RuntimeError as exc:  # sentencepiece reports an impossible vocab_size this way
-        raise TokenizerError(f"cannot train the tiny tokenizer with vocab_size={vocab_size}: {exc}") from exc
-    return out.getvalue()
