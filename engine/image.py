@@ -76,6 +76,40 @@ def read_image(uri: str) -> np.ndarray:
     return np.array(rgb, dtype=np.uint8)
 
 
+def probe_image(uri: str) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding its pixels: ImageError naming the
+    file for a missing file, another format, a corrupt header or a decompression bomb.
+
+    The driver runs this on every distinct input image before rendering, so a
+    bad image is that row's error up front rather than a failed job later.
+    """
+    try:
+        file = find_input(uri)
+    except InputError as exc:
+        raise ImageError(str(exc)) from None
+    try:
+        with file.fs.open_input_file(file.path) as stream:
+            try:
+                with Image.open(stream, formats=FORMATS) as image:
+                    width, height = image.size
+            except Image.UnidentifiedImageError:
+                raise ImageError(f"{file.name}: not a PNG, JPEG or WebP image") from None
+            except Image.DecompressionBombError:
+                raise ImageError(f"{file.name}: more than {MAX_PIXELS} pixels, refused as a likely decompression bomb") from None
+            except ImageError:
+                raise
+            except Exception as exc:  # Pillow's header parsers raise many types on malformed data
+                raise ImageError(f"{file.name}: corrupt or truncated image ({first_line(exc)})") from None
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"{file.name}: cannot read image ({first_line(exc)})") from None
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{file.name}: {width}x{height} image has more than {MAX_PIXELS} pixels, "
+                         "refused as a likely decompression bomb")
+    return width, height
+
+
 def _check_image(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(

@@ -1,102 +1,185 @@
-"""The files that make up one renderable model, found by what they hold.
+"""The files that make up one renderable model, and which family they are.
 
 A user points reelray at a directory (the one `reelray make-tiny-model`
-writes, or a ComfyUI-style `models/` folder holding one DiT, one umT5 encoder
-and one VAE) or names the files one by one. Files are recognised by their
-contents, never by their names: a Wan DiT GGUF, a umT5 GGUF (tokenizer in its
-metadata) or safetensors (plus a SentencePiece `.model`), and a Wan VAE in
-safetensors (or GGUF).
+writes, a ComfyUI-style `models/` folder, a folder of QuantStack downloads
+with `HighNoise/` and `LowNoise/` subfolders) or names the files one by one.
+Every file is recognised by its header: a Wan DiT GGUF (and its
+configuration, inferred from tensor shapes), a umT5 encoder GGUF (tokenizer in
+its metadata) or safetensors (plus a SentencePiece `.model`), a Wan VAE in
+safetensors or GGUF (16 latent channels: Wan2.1; 48: Wan2.2). Then each
+family's recogniser says whether the DiTs and VAEs are its files; exactly one
+must. Names matter only where contents cannot tell: the two A14B experts have
+identical shapes, so "high noise" / "low noise" in their names (or
+`--dit-high` / `--dit-low`) tells them apart.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.families import FAMILIES, get_family
+from engine.families.base import DitFile, ModelSetError, VaeFile, expert_from_name
+from jobs.family import FamilySpec
 from jobs.identity import model_digest
-from jobs.params import WAN21_T2V_DEFAULTS, RenderParams
 
 # Metadata key under which a DiT GGUF may carry its own render defaults
-# (the embedded tiny model does; the community files do not).
+# (the embedded tiny models do; the community files do not).
 DEFAULTS_KEY = "reelray.render_defaults"
-
-
-class ModelSetError(ValueError):
-    """The given files do not make one complete, unambiguous model set."""
+DIT_ROLES = ("dit", "dit_high", "dit_low")
+ROLES = (*DIT_ROLES, "text_encoder", "vae", "tokenizer")
+TEXT_WIDTH_NAMES = ("token_embd.weight", "shared.weight", "encoder.embed_tokens.weight")
 
 
 @dataclass(frozen=True)
 class ModelSet:
-    dit: Path
-    text_encoder: Path
-    vae: Path
-    tokenizer: Path | None = None
+    family: str
+    files: dict[str, Path]  # role -> path: the family's roles, "text_encoder", optionally "tokenizer"
+    spec: FamilySpec  # the family's parameters, with the model file's own defaults where it has them
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "ModelSet":
+    def from_dir(cls, directory: str | os.PathLike[str], family: str | None = None) -> "ModelSet":
+        """The model set in `directory` and its subfolders; `family` restricts recognition to that family."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ModelSetError(f"{directory}: not a directory")
-        found: dict[str, list[Path]] = {"dit": [], "text_encoder": [], "vae": [], "tokenizer": []}
-        for path in sorted(directory.iterdir()):
+        paths = sorted(p for p in directory.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+        found: dict[str, list] = {"dit": [], "text_encoder": [], "vae": [], "tokenizer": []}
+        for path in paths:
             role = file_role(path)
             if role is not None:
                 found[role].append(path)
-        for role in ("dit", "text_encoder", "vae"):
-            if not found[role]:
-                raise ModelSetError(f"{directory}: no {role.replace('_', ' ')} file found")
-            if len(found[role]) > 1:
-                names = ", ".join(p.name for p in found[role])
-                raise ModelSetError(f"{directory}: more than one {role.replace('_', ' ')} file ({names}); name them with --dit/--text-encoder/--vae")
+        dits = [_dit_file(p, expert_from_name(p)) for p in found["dit"]]
+        vaes = [_vae_file(p) for p in found["vae"]]
+        if not found["text_encoder"]:
+            raise ModelSetError(f"{directory}: no text encoder file found (the umT5-XXL encoder, GGUF or safetensors)")
+        if len(found["text_encoder"]) > 1:
+            names = ", ".join(p.name for p in found["text_encoder"])
+            raise ModelSetError(f"{directory}: more than one text encoder file ({names}); name one with --text-encoder")
         tokenizer = found["tokenizer"][0] if len(found["tokenizer"]) == 1 else None
-        return cls(found["dit"][0], found["text_encoder"][0], found["vae"][0], tokenizer)
+        return cls._build(str(directory), dits, vaes, found["text_encoder"][0], tokenizer, family)
 
     @classmethod
-    def from_files(cls, dit: str | Path, text_encoder: str | Path, vae: str | Path, tokenizer: str | Path | None = None) -> "ModelSet":
-        for role, path in (("dit", dit), ("text encoder", text_encoder), ("vae", vae), ("tokenizer", tokenizer)):
-            if path is not None and not Path(path).is_file():
-                raise ModelSetError(f"{path}: {role} file not found")
-        return cls(Path(dit), Path(text_encoder), Path(vae), Path(tokenizer) if tokenizer else None)
+    def from_files(cls, files: dict[str, str | os.PathLike[str] | None], family: str | None = None) -> "ModelSet":
+        """A model set from files named by role (dit, dit_high, dit_low, text_encoder, vae, tokenizer)."""
+        files = {role: Path(path) for role, path in files.items() if path is not None}
+        unknown = sorted(set(files) - set(ROLES))
+        if unknown:
+            raise ModelSetError(f"unknown model file roles {unknown}; roles: {', '.join(ROLES)}")
+        for role, path in files.items():
+            if not path.is_file():
+                raise ModelSetError(f"{path}: {role.replace('_', ' ')} file not found")
+        for role in ("text_encoder", "vae"):
+            if role not in files:
+                raise ModelSetError(f"no {role.replace('_', ' ')} file given")
+        if not any(role in files for role in DIT_ROLES):
+            raise ModelSetError("no DiT file given (--dit, or --dit-high and --dit-low for a Wan2.2 A14B pair)")
+        expert = {"dit": None, "dit_high": "high", "dit_low": "low"}
+        dits = [_dit_file(files[role], expert[role] or expert_from_name(files[role]))
+                for role in DIT_ROLES if role in files]
+        return cls._build("the given files", dits, [_vae_file(files["vae"])], files["text_encoder"],
+                          files.get("tokenizer"), family)
 
-    def files(self) -> dict[str, str]:
-        files = {"dit": str(self.dit), "text_encoder": str(self.text_encoder), "vae": str(self.vae)}
-        if self.tokenizer is not None:
-            files["tokenizer"] = str(self.tokenizer)
-        return files
+    @classmethod
+    def _build(cls, where: str, dits: list[DitFile], vaes: list[VaeFile], text_encoder: Path,
+               tokenizer: Path | None, family: str | None) -> "ModelSet":
+        candidates = [get_family(family)] if family is not None else list(FAMILIES.values())
+        matches, near_misses = [], []
+        for candidate in candidates:
+            try:
+                roles = candidate.recognise(dits, vaes)
+            except ModelSetError as err:
+                near_misses.append(err)
+                continue
+            if roles is not None:
+                matches.append((candidate, roles))
+        if len(matches) > 1:
+            names = ", ".join(c.spec.name for c, _ in matches)
+            raise ModelSetError(f"{where}: the files fit more than one family ({names}); choose one with --family")
+        if not matches:
+            if near_misses:
+                raise near_misses[0]
+            raise ModelSetError(f"{where}: {_no_family(dits, vaes, family)}")
+        chosen, roles = matches[0]
+        files = dict(roles) | {"text_encoder": text_encoder}
+        if tokenizer is not None:
+            files["tokenizer"] = tokenizer
+        return cls(chosen.spec.name, files, _spec_with_file_defaults(chosen.spec, files[chosen.roles[0]]))
+
+    def paths(self) -> dict[str, str]:
+        """Role -> path as strings (what travels to the render actors)."""
+        return {role: str(path) for role, path in self.files.items()}
 
     def digest(self) -> str:
         """sha256 over the content digests of the files: the model part of a job's identity."""
-        return model_digest(self.files())
+        return model_digest(self.paths())
 
     def check_fit(self) -> None:
         """Refuse, from the files' headers alone (no weights read), a set whose parts do not fit together.
 
-        The driver calls this before it starts Ray or loads anything, so a
-        mismatched set costs a second, not a cluster start and a model load.
+        The families' recognisers have matched the DiTs' latent channels to the
+        VAE; this checks the text width. The driver calls it before it starts Ray.
         """
-        from engine.gguf import GGUFFile
-        from engine.wan.dit import ModelConfigError, infer_config
+        text_dim = _matrix_width(self.files["text_encoder"], TEXT_WIDTH_NAMES)
+        for role in DIT_ROLES:
+            if role in self.files:
+                config = _dit_file(self.files[role], None).config
+                if config.text_dim != text_dim:
+                    raise ModelSetError(
+                        f"{self.files[role]}: the DiT expects {config.text_dim}-wide text embeddings, but the text "
+                        f"encoder {self.files['text_encoder'].name} produces {text_dim}-wide ones (Wan uses umT5-XXL, 4096)"
+                    )
 
-        with GGUFFile(self.dit) as f:
-            try:
-                dit_config = infer_config({name: f.shape(name) for name in f.tensor_names}, f.metadata)
-            except ModelConfigError as err:
-                raise ModelSetError(f"{self.dit}: {err}") from None
-        text_dim = _matrix_width(self.text_encoder, ("token_embd.weight", "shared.weight", "encoder.embed_tokens.weight"))
-        z_dim = _matrix_width(self.vae, ("decoder.conv1.weight",))
-        check_compatible(self, dit_config, text_dim, z_dim)
 
-    def render_defaults(self) -> RenderParams:
-        """The model's own defaults: from the DiT's metadata when it carries them, else Wan2.1's."""
-        from engine.gguf import GGUFFile
+def _no_family(dits: list[DitFile], vaes: list[VaeFile], family: str | None) -> str:
+    what = "; ".join(
+        [f"DiT {d.path.name} ({d.config.in_dim}->{d.config.out_dim} channels"
+         f"{', ' + d.expert + '-noise expert' if d.expert else ''})" for d in dits]
+        + [f"VAE {v.path.name} ({v.z_dim} latent channels)" for v in vaes]
+    ) or "no DiT or VAE files"
+    if len(dits) == 2 and not any(d.expert for d in dits) and dits[0].config == dits[1].config:
+        hint = ("two DiTs of one shape whose names do not say high or low noise: "
+                "name the Wan2.2 A14B pair with --dit-high and --dit-low")
+    elif not dits:
+        hint = "no DiT file"
+    else:
+        hint = "no family takes these files together"
+    scope = f"the {family} family" if family else "reelray's families (" + ", ".join(FAMILIES) + ")"
+    return f"{hint}; found {what}; checked {scope}"
 
-        if self.dit.suffix != ".gguf":
-            return WAN21_T2V_DEFAULTS
-        with GGUFFile(self.dit) as f:
-            raw = f.metadata.get(DEFAULTS_KEY)
-        if raw is None:
-            return WAN21_T2V_DEFAULTS
-        return RenderParams(**json.loads(raw))
+
+def _spec_with_file_defaults(spec: FamilySpec, dit: Path) -> FamilySpec:
+    """The family's spec, with the defaults a DiT GGUF carries in its metadata (the tiny models do)."""
+    from engine.gguf import GGUFFile
+
+    if dit.suffix != ".gguf":
+        return spec
+    with GGUFFile(dit) as f:
+        raw = f.metadata.get(DEFAULTS_KEY)
+    if raw is None:
+        return spec
+    try:
+        return spec.with_defaults(json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise ModelSetError(f"{dit}: metadata {DEFAULTS_KEY!r}: {exc}") from None
+
+
+def _dit_file(path: Path, expert: str | None) -> DitFile:
+    from engine.gguf import GGUFFile
+    from engine.wan.dit import ModelConfigError, infer_config
+
+    with GGUFFile(path) as f:
+        try:
+            config = infer_config({name: f.shape(name) for name in f.tensor_names}, f.metadata)
+        except ModelConfigError as err:
+            raise ModelSetError(f"{path}: {err}") from None
+    return DitFile(path, config, expert)
+
+
+def _vae_file(path: Path) -> VaeFile:
+    return VaeFile(path, _matrix_width(path, ("decoder.conv1.weight",)))
 
 
 def file_role(path: Path) -> str | None:
@@ -128,29 +211,8 @@ def file_role(path: Path) -> str | None:
     return None
 
 
-def check_compatible(models: ModelSet, dit_config, text_dim: int, z_dim: int) -> None:
-    """Refuse, in one line, a model set whose DiT does not fit its VAE's latents or its text encoder's width.
-
-    Otherwise every job would fail the same way deep inside a matmul, each
-    after its retries, and an overnight batch would end as a table of
-    identical failed rows.
-    """
-    if dit_config.in_dim != z_dim or dit_config.out_dim != z_dim:
-        hint = " (Wan2.2 TI2V-5B works on the Wan2.2 VAE's 48-channel latents, which reelray does not support yet)" \
-            if dit_config.in_dim == 48 else ""
-        raise ModelSetError(
-            f"{models.dit}: the DiT takes {dit_config.in_dim}-channel latents and returns {dit_config.out_dim}, "
-            f"but the VAE {models.vae.name} decodes {z_dim}-channel latents{hint}"
-        )
-    if dit_config.text_dim != text_dim:
-        raise ModelSetError(
-            f"{models.dit}: the DiT expects {dit_config.text_dim}-wide text embeddings, "
-            f"but the text encoder {models.text_encoder.name} produces {text_dim}-wide ones (Wan uses umT5-XXL, 4096)"
-        )
-
-
 def _matrix_width(path: Path, names: tuple[str, ...]) -> int:
-    """The last axis (PyTorch order) of the first of `names` in a GGUF or safetensors file, from its header."""
+    """The second axis (PyTorch order) of the first of `names` in a GGUF or safetensors file, from its header."""
     if path.suffix == ".gguf":
         from engine.gguf import GGUFFile
 

@@ -1,39 +1,31 @@
-"""One process, one model: prompt + seed + parameters in, uint8 frames out.
+"""One process, one model set: prompt + seed + parameters + inputs in, uint8 frames out.
 
-`Engine` loads a model set once (DiT, umT5 encoder + tokenizer, VAE) and keeps
-it resident; `Engine.render` runs one job. The denoising loop is `denoise`,
-written out so that it reads top to bottom: noise, then per step two DiT
-forwards (cond and uncond), guidance, solver step.
+`Engine` loads a model set once (the umT5 encoder and tokenizer, which every
+Wan family shares, and the family's pipeline: its DiT or expert pair and its
+VAE) and keeps it resident; `Engine.render` runs one job. The denoising loops
+are the families' own (`engine/families/`), written out one per family.
 """
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from engine.model_set import ModelSet, check_compatible
-from engine.sampling import make_solver
+from engine.families import get_family
+from engine.families.base import ProgressFn, RenderError
+from engine.model_set import ModelSet
 from engine.video import frames_sha256, to_uint8
 from jobs.identity import file_digest
-from jobs.params import DEFAULT_NEGATIVE_PROMPT, RenderParams
+from jobs.params import RenderParams
 
-LATENT_CHANNELS = 16
 # On the CPU, torch's results depend on its intra-op thread count (measured:
 # the umT5 path gives other bits with 1 thread than with 2). Frames must not
 # depend on how many actors share a machine, so a CPU engine always computes
 # with the same thread count; a CPU machine scales with more actors instead.
 CPU_THREADS = 1
-VAE_STRIDE = (4, 8, 8)
-
-ProgressFn = Callable[[int, int], None]
-
-
-class RenderError(RuntimeError):
-    """A job that cannot produce a trustworthy video (bad shape, non-finite numbers)."""
 
 
 @dataclass
@@ -87,45 +79,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def initial_noise(seed: int, params: RenderParams, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The job's starting latent: drawn by a CPU generator, so it is the same on every machine."""
-    shape = (
-        LATENT_CHANNELS,
-        (params.frames - 1) // VAE_STRIDE[0] + 1,
-        params.height // VAE_STRIDE[1],
-        params.width // VAE_STRIDE[2],
-    )
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-
-
-def denoise(
-    dit: torch.nn.Module,
-    noise: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    params: RenderParams,
-    dtype: torch.dtype,
-    progress: ProgressFn | None = None,
-) -> torch.Tensor:
-    """Flow-matching sampling with classifier-free guidance; returns float32 latents [16, T, h, w]."""
-    solver = make_solver(params.sampler, params.steps, params.shift)
-    latents = noise
-    context = torch.stack([cond, uncond]).to(dtype)
-    for i, t in enumerate(solver.timesteps):
-        x = latents.to(dtype).unsqueeze(0).expand(2, *latents.shape)
-        timestep = torch.full((2,), float(t), device=latents.device)
-        with torch.no_grad():
-            v_cond, v_uncond = dit(x, timestep, context).float()
-        velocity = v_uncond + params.guidance * (v_cond - v_uncond)
-        latents = solver.step(velocity, i, latents)
-        if not torch.isfinite(latents).all():
-            raise RenderError(f"non-finite latents after step {i + 1}/{params.steps}")
-        if progress is not None:
-            progress(i + 1, params.steps)
-    return latents
-
-
 class Engine:
     """A resident model set that renders jobs one at a time."""
 
@@ -137,34 +90,40 @@ class Engine:
         policy: str = "dequantize_once",
         cache_bytes: int = 1 << 30,
         cpu_threads: int = CPU_THREADS,
+        **pipeline_options,
     ):
         from engine.gguf import GGUFFile
-        from engine.wan.dit import load_dit
         from engine.wan.t5 import load_text_encoder
         from engine.wan.tokenizer import Tokenizer
-        from engine.wan.vae import load_vae
 
         self.models = models
+        self.family = get_family(models.family)
+        self.spec = models.spec
         self.device = torch.device(device)
         self.cpu_threads = cpu_threads
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)
         self.dtype = dtype
-        self.defaults = models.render_defaults()
-        if models.text_encoder.suffix == ".gguf":
-            with GGUFFile(models.text_encoder) as f:
+        models.check_fit()
+        files = models.files
+        if files["text_encoder"].suffix == ".gguf":
+            with GGUFFile(files["text_encoder"]) as f:
                 self.tokenizer = Tokenizer.from_gguf(f)
-        elif models.tokenizer is not None:
-            self.tokenizer = Tokenizer.from_file(models.tokenizer)
+        elif "tokenizer" in files:
+            self.tokenizer = Tokenizer.from_file(files["tokenizer"])
         else:
-            raise RenderError(f"{models.text_encoder}: a safetensors text encoder needs a tokenizer .model file")
-        self.text_encoder = load_text_encoder(models.text_encoder, device=self.device, dtype=dtype, policy=policy)
-        self.dit = load_dit(models.dit, device=self.device, dtype=dtype, policy=policy)
-        self.vae = load_vae(models.vae, device=self.device, dtype=torch.float32)
-        check_compatible(models, self.dit.config, self.text_encoder.config.dim, self.vae.config.z_dim)
-        self.encoder_digest = f"{file_digest(models.text_encoder)}:{self.tokenizer.digest}"
+            raise RenderError(f"{files['text_encoder']}: a safetensors text encoder needs a tokenizer .model file")
+        self.text_encoder = load_text_encoder(files["text_encoder"], device=self.device, dtype=dtype, policy=policy)
+        self.pipeline = self.family.pipeline(files, self.device, dtype, policy, **pipeline_options)
+        self.encoder_digest = f"{file_digest(files['text_encoder'])}:{self.tokenizer.digest}"
         self.embeddings = EmbeddingCache(cache_bytes)
         self.text_encoder_calls = 0
+
+    @property
+    def placement(self) -> dict | None:
+        """Where a two-expert family keeps its experts (resident or swapped, and why); None otherwise."""
+        experts = getattr(self.pipeline, "experts", None)
+        return None if experts is None else dict(experts.placement)
 
     def embed(self, prompt: str) -> torch.Tensor:
         """Wan's text path ([text_len, text_dim], zero-padded), cached by encoder and cleaned prompt."""
@@ -187,10 +146,18 @@ class Engine:
         seed: int,
         params: RenderParams | None = None,
         negative_prompt: str | None = None,
+        inputs: dict[str, str] | None = None,
         progress: ProgressFn | None = None,
     ) -> RenderResult:
-        params = params or self.defaults
-        negative_prompt = negative_prompt or DEFAULT_NEGATIVE_PROMPT
+        """One job: `inputs` maps the family's input names ("image") to local paths or URIs."""
+        params = params or self.spec.defaults()
+        negative_prompt = negative_prompt or self.spec.negative_prompt
+        inputs = dict(inputs or {})
+        missing = [spec.name for spec in self.spec.inputs if spec.required and spec.name not in inputs]
+        unknown = sorted(set(inputs) - set(self.spec.input_names))
+        if missing or unknown:
+            raise RenderError(f"the {self.spec.title} family needs inputs {list(self.spec.input_names) or 'none'}; "
+                              f"missing {missing}, not taken {unknown}")
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
@@ -199,13 +166,11 @@ class Engine:
         timings["text_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        noise = initial_noise(seed, params, self.device)
-        latents = denoise(self.dit, noise, cond, uncond, params, self.dtype, progress)
+        latents = self.pipeline.denoise(cond, uncond, seed, params, inputs, progress)
         timings["denoise_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        with torch.no_grad():
-            video = self.vae.decode(latents.unsqueeze(0))[0]
+        video = self.pipeline.decode(latents)
         if not torch.isfinite(video).all():
             raise RenderError("non-finite values in the decoded frames")
         frames = to_uint8(video)

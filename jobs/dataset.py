@@ -25,12 +25,11 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from jobs.identity import canonical_json, check_job_id, sidecar_relpath, video_relpath
+from jobs.identity import LEGACY_FAMILY, canonical_json, check_job_id, sidecar_relpath, video_relpath
 
 if TYPE_CHECKING:
-    from jobs.manifest import RenderJob
+    from jobs.job import RenderJob
 
 __all__ = [
     "OUTPUT_SCHEMA",
@@ -41,8 +40,6 @@ __all__ = [
     "rows_to_table",
     "sidecar_bytes",
     "parse_sidecar",
-    "rows_from_sidecars",
-    "done_job_ids",
     "video_relpath",
     "sidecar_relpath",
 ]
@@ -56,6 +53,7 @@ OUTPUT_SCHEMA = pa.schema(
     [
         pa.field("job_id", pa.string(), nullable=False),
         pa.field("file_name", pa.string(), nullable=False),
+        pa.field("family", pa.string(), nullable=False),
         pa.field("prompt", pa.string(), nullable=False),
         pa.field("negative_prompt", pa.string(), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
@@ -87,6 +85,9 @@ OUTPUT_SCHEMA = pa.schema(
     metadata={b"reelray.schema": DATASET_SCHEMA.encode()},
 )
 OUTPUT_COLUMNS = frozenset(OUTPUT_SCHEMA.names)
+# Sidecars written before a column existed, and what that column held for them:
+# before families, every job was Wan2.1 T2V.
+ADDED_COLUMNS = {"family": LEGACY_FAMILY}
 
 
 class SidecarError(ValueError):
@@ -156,6 +157,7 @@ def make_row(
     row: dict[str, Any] = {
         "job_id": job.job_id,
         "file_name": video_relpath(job.job_id),
+        "family": job.family,
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt,
         "seed": job.seed,
@@ -184,9 +186,16 @@ def make_row(
         "software": software,
         "row": job.row,
     }
-    clash = OUTPUT_COLUMNS.intersection(job.passthrough)
+    # The family's other parameters (guidance_2, boundary, ...) and its inputs
+    # (path and content digest) follow the fixed columns, then the passthrough.
+    family_columns = {name: value for name, value in params.items() if name not in row}
+    for name, ref in job.inputs.items():
+        family_columns[name] = ref.uri
+        family_columns[f"{name}_sha256"] = ref.sha256
+    clash = (OUTPUT_COLUMNS | set(family_columns)).intersection(job.passthrough)
     if clash:
         raise ValueError(f"passthrough columns clash with output columns: {sorted(clash)}")
+    row.update(family_columns)
     row.update(job.passthrough)
     return row
 
@@ -272,6 +281,8 @@ def parse_sidecar(data: bytes, path: str) -> dict[str, Any]:
         raise SidecarError(path, f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise SidecarError(path, f"expected a JSON object, got {type(obj).__name__}")
+    for name, value in ADDED_COLUMNS.items():
+        obj.setdefault(name, value)
     missing = [name for name in OUTPUT_SCHEMA.names if name not in obj]
     if missing:
         raise SidecarError(path, f"missing keys {missing}")
@@ -293,23 +304,3 @@ def parse_sidecar(data: bytes, path: str) -> dict[str, Any]:
     if stem is not None and len(stem) == 64 and stem != obj["job_id"]:
         raise SidecarError(path, f"holds job {obj['job_id']}, not the job its name says")
     return obj
-
-
-def rows_from_sidecars(items: Iterable[tuple[str, bytes]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of the readable sidecars among (path, bytes) pairs, and the paths of the unreadable ones."""
-    rows: list[dict[str, Any]] = []
-    bad_paths: list[str] = []
-    for path, data in items:
-        try:
-            rows.append(parse_sidecar(data, path))
-        except SidecarError:
-            bad_paths.append(path)
-    return rows, bad_paths
-
-
-def done_job_ids(rows: pa.Table | Iterable[Mapping[str, Any]]) -> set[str]:
-    """Job ids whose status is "done" in a dataset table (e.g. `metadata/*.parquet`) or in rows."""
-    if isinstance(rows, pa.Table):
-        done = pc.equal(rows.column("status"), "done")
-        return set(rows.column("job_id").filter(done).to_pylist())
-    return {r["job_id"] for r in rows if r.get("status") == "done"}

@@ -1,12 +1,13 @@
 """Job identity: content digests that name jobs, their files, and model sets.
 
 A job id is the sha256 of the canonical JSON of everything that decides a
-job's frames: the model set's digest, the prompt, the negative prompt, the seed
-and every render parameter, tagged with a schema version (`JOB_SCHEMA`) so that
+job's frames: the family, the model set's digest, the prompt, the negative
+prompt, the seed, every render parameter and the content digest of every
+conditioning input, tagged with a schema version (`JOB_SCHEMA`) so that
 a future change of the recipe cannot collide with today's ids. Canonical JSON:
 sorted keys, no whitespace, UTF-8 without ASCII escaping, floats written by
-Python's shortest round-trip `repr`. Parameters go through `RenderParams`
-first, so `guidance=5` and `guidance=5.0` are the same job.
+Python's shortest round-trip `repr`. Parameters are normalised by their
+family's `ParamSpec`s first, so `guidance=5` and `guidance=5.0` are the same job.
 
 File names come only from job ids (64 lowercase hex digits), never from
 prompts: `video_relpath` refuses anything else.
@@ -45,28 +46,34 @@ _json_str = json.encoder.encode_basestring
 
 @functools.lru_cache(maxsize=4096)
 def _params_json(params: RenderParams) -> str:
-    # RenderParams is frozen and hashable; a manifest has few distinct ones.
+    # RenderParams is immutable and hashable; a manifest has few distinct ones.
     return canonical_json(params.model_dump()).decode("utf-8")
 
 
-def job_payload(
-    model_digest: str, prompt: str, negative_prompt: str, seed: int, params: RenderParams
-) -> dict[str, Any]:
-    """The canonical job as a dict; `job_digest` hashes `canonical_json` of it."""
-    return {
-        "schema": JOB_SCHEMA,
-        "model_digest": model_digest,
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "seed": seed,
-        "params": params.model_dump(),
-    }
+# Families whose job ids predate the `family` key: Wan2.1 T2V was the only
+# family when the first outputs were rendered, and users resume those outputs,
+# so its canonical job carries no family (tests/test_identity.py pins its ids).
+LEGACY_FAMILY = "wan2.1-t2v"
+UNTAGGED_FAMILIES = frozenset({LEGACY_FAMILY})
 
 
 def job_digest(
-    model_digest: str, prompt: str, negative_prompt: str, seed: int, params: RenderParams
+    model_digest: str,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    params: RenderParams,
+    family: str,
+    inputs: Mapping[str, str] | None = None,
 ) -> bytes:
-    """The 32-byte sha256 behind `job_id`."""
+    """The 32-byte sha256 behind a job id.
+
+    The canonical job is the JSON object {family, inputs, model_digest,
+    negative_prompt, params, prompt, schema, seed} with `inputs` mapping each
+    conditioning input's name to its content digest (never its path: the same
+    image under another name is the same job). `family` is left out for
+    `UNTAGGED_FAMILIES`, and `inputs` when there are none.
+    """
     if not isinstance(model_digest, str) or not model_digest:
         raise ValueError(f"model_digest must be a non-empty string, got {model_digest!r:.80}")
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
@@ -75,11 +82,16 @@ def job_digest(
         raise ValueError(f"seed must be an integer in 0..2**63-1, got {seed!r:.80}")
     if not isinstance(params, RenderParams):
         raise ValueError(f"params must be a RenderParams, got {type(params).__name__}")
-    # canonical_json(job_payload(...)) spelled out with its keys in sorted order:
-    # a manifest hashes millions of jobs, and this skips the generic encoder.
-    # tests/test_identity.py holds the two byte-identical.
+    if not isinstance(family, str) or not family:
+        raise ValueError(f"family must be a non-empty string, got {family!r:.80}")
+    # The canonical JSON spelled out with its keys in sorted order: a manifest
+    # hashes millions of jobs, and this skips the generic encoder.
+    # tests/test_identity.py holds it byte-identical to canonical_json.
+    head = "" if family in UNTAGGED_FAMILIES else '"family":' + _json_str(family) + ","
+    if inputs:
+        head += '"inputs":' + canonical_json(dict(inputs)).decode("utf-8") + ","
     text = (
-        '{"model_digest":' + _json_str(model_digest)
+        "{" + head + '"model_digest":' + _json_str(model_digest)
         + ',"negative_prompt":' + _json_str(negative_prompt)
         + ',"params":' + _params_json(params)
         + ',"prompt":' + _json_str(prompt)
@@ -87,11 +99,6 @@ def job_digest(
         + '","seed":' + str(int(seed)) + "}"
     )
     return hashlib.sha256(text.encode("utf-8")).digest()
-
-
-def job_id(model_digest: str, prompt: str, negative_prompt: str, seed: int, params: RenderParams) -> str:
-    """sha256 hex (64 lowercase digits) of the canonical job; see the module docstring."""
-    return job_digest(model_digest, prompt, negative_prompt, seed, params).hex()
 
 
 def check_job_id(value: Any) -> str:

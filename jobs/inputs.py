@@ -16,7 +16,7 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -123,21 +123,26 @@ def input_digest(uri: str | os.PathLike[str]) -> str:
     raise InputError(f"{file.name}: changed while being read, {_READ_TRIES} times in a row")
 
 
-def _digest_or_error(uri: Any) -> str | InputError:
+def _digest_or_error(uri: Any, check: Callable[[Any], None] | None) -> str | InputError:
     try:
-        return input_digest(uri)
+        digest = input_digest(uri)
+        if check is not None:
+            check(uri)
+        return digest
     except InputError as exc:
         return exc
 
 
 def digest_inputs(
-    uris: Iterable[str | os.PathLike[str]], max_workers: int = 8
+    uris: Iterable[str | os.PathLike[str]], max_workers: int = 8, check: Callable[[Any], None] | None = None
 ) -> dict[Any, str | InputError]:
     """{uri: sha256 hex, or the InputError saying why it cannot be read}, each distinct uri hashed once.
 
     Files are hashed in up to `max_workers` threads (reads and sha256 release the
     GIL). An unreadable file is a value, not an exception, so the caller can mark
-    the rows that name it as failed and go on with the others.
+    the rows that name it as failed and go on with the others. `check(uri)`, when
+    given, runs after the digest in the same thread and may raise InputError too
+    (the driver passes a cheap image-header check).
     """
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise ValueError(f"max_workers must be a positive integer, got {max_workers!r:.80}")
@@ -145,4 +150,4 @@ def digest_inputs(
     if not distinct:
         return {}
     with ThreadPoolExecutor(max_workers=min(max_workers, len(distinct)), thread_name_prefix="input-digest") as pool:
-        return dict(zip(distinct, pool.map(_digest_or_error, distinct)))
+        return dict(zip(distinct, pool.map(lambda uri: _digest_or_error(uri, check), distinct)))

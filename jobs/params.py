@@ -1,22 +1,21 @@
-"""Render parameters: what a job asks the engine to compute, besides prompt and seed.
+"""Render parameters: what a job asks the engine to compute, besides prompt, seed and inputs.
 
-Every field is part of a job's identity (`jobs.identity.job_id`), so the values
-are normalised here once: integers are Python ints, `guidance` and `shift` are
-Python floats (`guidance=5` and `guidance=5.0` are one job), and anything that
-is not clearly the right kind of number is refused instead of coerced (a bool is
-not an integer, "50" is not a step count, NaN is not a guidance scale).
-
-The single-value checks live in `check_param` so that the manifest reader can
-report each bad field of a row with its own reason, and the pydantic model uses
-the very same checks.
+Which parameters exist, their defaults and their bounds belong to a model
+family (`engine/families/`), which declares them as `ParamSpec`s; this module
+only knows how to check and normalise a value against a spec. Every value is
+part of a job's identity (`jobs.identity`), so values are normalised once:
+integers are Python ints, floats are Python floats (`guidance=5` and
+`guidance=5.0` are one job), and anything that is not clearly the right kind of
+value is refused instead of coerced (a bool is not an integer, "50" is not a
+step count, NaN is not a guidance scale).
 """
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, field_validator
 
 # wan/configs/shared_config.py `sample_neg_prompt` (official Wan2.1/2.2), used
 # when a job gives no negative prompt.
@@ -26,20 +25,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
     "杂乱的背景，三条腿，背景人很多，倒着走"
 )
-
-SAMPLERS = ("unipc", "euler")
-
-# The render-parameter names, in the order they appear in the output dataset.
-# A manifest column with one of these names overrides the default per row.
-PARAM_FIELDS = ("width", "height", "frames", "steps", "guidance", "shift", "fps", "sampler")
-
-# Bounds. Sizes are multiples of 16: the VAE downsamples by 8 and the DiT
-# patchifies 2x2, so the latent grid must stay even. Frames are 4k+1: the Wan
-# VAE keeps the first frame and compresses the rest 4:1 in time.
-SIZE_MIN, SIZE_MAX, SIZE_MULTIPLE = 16, 4096, 16
-FRAMES_MIN, FRAMES_MAX = 1, 1001
-STEPS_MIN, STEPS_MAX = 1, 1000
-FPS_MIN, FPS_MAX = 1, 240
 
 
 def describe(value: Any, limit: int = 40) -> str:
@@ -88,99 +73,136 @@ def as_finite_float(value: Any) -> float:
     return result + 0.0
 
 
-def _size(value: Any) -> int:
-    n = as_integer(value)
-    if not (SIZE_MIN <= n <= SIZE_MAX and n % SIZE_MULTIPLE == 0):
-        raise ValueError(f"must be a multiple of {SIZE_MULTIPLE} in {SIZE_MIN}..{SIZE_MAX}, got {describe(n)}")
-    return n
+@dataclass(frozen=True)
+class ParamSpec:
+    """One render parameter of a family: its kind, default and bounds.
+
+    `kind` "int": an integer in low..high; with `multiple` it must also be
+    `remainder` modulo `multiple` (sizes: multiples of 16; frames: 4k+1).
+    `kind` "float": a finite number >= low (> low when `low_open`), <= high.
+    `kind` "choice": one of `choices`.
+    """
+
+    name: str
+    kind: Literal["int", "float", "choice"]
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    multiple: int | None = None
+    remainder: int = 0
+    choices: tuple[str, ...] = ()
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default", self.check(self.default))
+
+    def check(self, value: Any) -> int | float | str:
+        """The normalised value, or ValueError with the reason (without the parameter's name)."""
+        if self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise ValueError(f"must be one of {', '.join(map(repr, self.choices))}, got {describe(value)}")
+            return value
+        if self.kind == "int":
+            n = as_integer(value)
+            in_range = self.low <= n <= self.high
+            if self.multiple is None:
+                if not in_range:
+                    raise ValueError(f"must be an integer in {self.low}..{self.high}, got {describe(n)}")
+            elif not in_range or n % self.multiple != self.remainder:
+                raise ValueError(f"must be {self._pattern()} in {self.low}..{self.high}, got {describe(n)}")
+            return n
+        x = as_finite_float(value)
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            raise ValueError(f"must be {'>' if self.low_open else '>='} {self.low:g}, got {x!r}")
+        if self.high is not None and x > self.high:
+            raise ValueError(f"must be <= {self.high:g}, got {x!r}")
+        return x
+
+    def _pattern(self) -> str:
+        m, r = self.multiple, self.remainder
+        if r == 0:
+            return f"a multiple of {m}"
+        examples = ", ".join(str(r + m * k) for k in range(3))
+        return f"{m}k+{r} ({examples}, ...)"
 
 
-def _frames(value: Any) -> int:
-    n = as_integer(value)
-    if not (FRAMES_MIN <= n <= FRAMES_MAX and n % 4 == 1):
-        raise ValueError(f"must be 4k+1 (1, 5, 9, ..., 81, ...) in {FRAMES_MIN}..{FRAMES_MAX}, got {describe(n)}")
-    return n
+def size_param(name: str, default: int, multiple: int, high: int = 4096) -> ParamSpec:
+    return ParamSpec(name, "int", default, low=multiple, high=high, multiple=multiple,
+                     help=f"pixels, a multiple of {multiple}")
 
 
-def _steps(value: Any) -> int:
-    n = as_integer(value)
-    if not STEPS_MIN <= n <= STEPS_MAX:
-        raise ValueError(f"must be an integer in {STEPS_MIN}..{STEPS_MAX}, got {describe(n)}")
-    return n
+def frames_param(default: int, temporal_stride: int = 4, high: int = 1001) -> ParamSpec:
+    # The Wan VAEs keep the first frame and compress the rest `temporal_stride`:1 in time.
+    return ParamSpec("frames", "int", default, low=1, high=high, multiple=temporal_stride, remainder=1,
+                     help=f"{temporal_stride}k+1 frames")
 
 
-def _fps(value: Any) -> int:
-    n = as_integer(value)
-    if not FPS_MIN <= n <= FPS_MAX:
-        raise ValueError(f"must be an integer in {FPS_MIN}..{FPS_MAX}, got {describe(n)}")
-    return n
+def steps_param(default: int) -> ParamSpec:
+    return ParamSpec("steps", "int", default, low=1, high=1000, help="denoising steps")
 
 
-def _guidance(value: Any) -> float:
-    x = as_finite_float(value)
-    if x < 0:
-        raise ValueError(f"must be >= 0, got {x!r}")
-    return x
+def guidance_param(name: str, default: float, help: str = "classifier-free guidance scale") -> ParamSpec:
+    return ParamSpec(name, "float", default, low=0.0, help=help)
 
 
-def _shift(value: Any) -> float:
-    x = as_finite_float(value)
-    if x <= 0:
-        raise ValueError(f"must be > 0, got {x!r}")
-    return x
+def shift_param(default: float) -> ParamSpec:
+    return ParamSpec("shift", "float", default, low=0.0, low_open=True, help="sigma schedule shift")
 
 
-def _sampler(value: Any) -> str:
-    if not isinstance(value, str) or value not in SAMPLERS:
-        raise ValueError(f"must be one of {', '.join(map(repr, SAMPLERS))}, got {describe(value)}")
-    return value
+def fps_param(default: int) -> ParamSpec:
+    return ParamSpec("fps", "int", default, low=1, high=240, help="frames per second of the MP4")
 
 
-_CHECKS = {
-    "width": _size,
-    "height": _size,
-    "frames": _frames,
-    "steps": _steps,
-    "guidance": _guidance,
-    "shift": _shift,
-    "fps": _fps,
-    "sampler": _sampler,
-}
-assert tuple(_CHECKS) == PARAM_FIELDS
+def sampler_param(default: str = "unipc") -> ParamSpec:
+    return ParamSpec("sampler", "choice", default, choices=("unipc", "euler"), help="solver")
 
 
-def check_param(name: str, value: Any) -> int | float | str:
-    """The normalised value of render parameter `name`, or ValueError with the reason."""
-    return _CHECKS[name](value)
+class RenderParams(Mapping):
+    """A family's validated render parameters: an immutable, hashable mapping with attribute access.
 
+    Build one with `FamilySpec.params(...)`, which checks every value against
+    the family's `ParamSpec`s; `params.width` and `params["width"]` read it.
+    """
 
-class RenderParams(BaseModel):
-    """Everything the engine needs besides prompt, negative prompt and seed."""
+    __slots__ = ("_values", "_key")
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_key", tuple(sorted(self._values.items())))
 
-    width: int
-    height: int
-    frames: int
-    steps: int
-    guidance: float
-    shift: float
-    fps: int
-    sampler: Literal["unipc", "euler"]
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no render parameter {name!r} (parameters: {', '.join(self._values)})") from None
 
-    @field_validator(*PARAM_FIELDS, mode="before")
-    @classmethod
-    def _check(cls, value: Any, info) -> Any:
-        return check_param(info.field_name, value)
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("RenderParams is immutable; use FamilySpec.params(base, **changes)")
 
-    def override(self, **changes: Any) -> "RenderParams":
-        """A copy with `changes` applied and validated (unlike `model_copy`, which skips validation)."""
-        return RenderParams(**{**self.model_dump(), **changes})
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
 
-# Official Wan2.1 T2V sampling defaults (wan/configs, generate.py): 832x480,
-# 81 frames at 16 fps, 50 UniPC steps, guidance 5.0, shift 5.0. Models with other
-# defaults (the embedded tiny model) pass their own to the manifest reader.
-WAN21_T2V_DEFAULTS = RenderParams(
-    width=832, height=480, frames=81, steps=50, guidance=5.0, shift=5.0, fps=16, sampler="unipc"
-)
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RenderParams):
+            return self._key == other._key
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"RenderParams({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+
+    def __reduce__(self):
+        return (RenderParams, (self._values,))
+
+    def model_dump(self) -> dict[str, Any]:
+        """The values as a plain dict, in the family's declaration order."""
+        return dict(self._values)

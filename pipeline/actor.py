@@ -27,7 +27,7 @@ from engine.model_set import ModelSet
 from engine.render import Engine
 from engine.video import write_mp4
 from jobs.dataset import make_row
-from jobs.manifest import RenderJob
+from jobs.job import RenderJob
 from pipeline.output import OutputDir, OutputError
 
 CONCURRENCY = 3  # threads: one job rendering, the one before it encoding, the next one waiting its turn
@@ -53,13 +53,13 @@ def is_out_of_space(exc: BaseException) -> bool:
 
 
 class RenderActor:
-    def __init__(self, model_files: dict[str, str], model_digest: str, out_uri: str, engine_options: dict):
+    def __init__(self, model_files: dict[str, str], family: str, model_digest: str, out_uri: str,
+                 engine_options: dict):
         self.created_at = time.time()
         self.turn = threading.Condition()
         self.next_seq = 0  # the `seq` whose render goes next
         self.stats_lock = threading.Lock()
-        self.engine = Engine(ModelSet.from_files(**model_files), **engine_options)
-        self.model_loads = 1
+        self.engine = Engine(ModelSet.from_files(model_files, family=family), **engine_options)
         self.model_digest = model_digest
         self.out = OutputDir(out_uri)
         self.node = socket.gethostname()
@@ -84,7 +84,8 @@ class RenderActor:
             try:  # the next call's render starts as soon as this one's ends, raised or not
                 started = datetime.now(timezone.utc)
                 t0 = time.perf_counter()
-                result = self.engine.render(job.prompt, job.seed, job.params, job.negative_prompt)
+                inputs = {name: ref.uri for name, ref in job.inputs.items()}
+                result = self.engine.render(job.prompt, job.seed, job.params, job.negative_prompt, inputs)
                 t1 = time.perf_counter()
             finally:
                 self._next_turn()
@@ -141,7 +142,7 @@ class RenderActor:
         return {
             "actor": self.actor_name,
             "node": self.node,
-            "model_loads": self.model_loads,
+            "placement": self.engine.placement,
             "load_s": self.ready_at - self.created_at,
             "jobs": self.jobs,
             "text_encoder_calls": self.engine.text_encoder_calls,

@@ -1,8 +1,8 @@
 """The `reelray` command.
 
     reelray inspect FILE [--json]
-    reelray make-tiny-model DIR [--quant Q8_0]
-    reelray render --model DIR --prompt "..." --seed N --out x.mp4
+    reelray make-tiny-model DIR [--family wan2.1-t2v] [--quant Q8_0]
+    reelray render --model DIR --prompt "..." --seed N [--image first.png] --out x.mp4
     reelray run MANIFEST --model DIR --out OUT [--actors N] [--seeds A-B] ...
     reelray status OUT [--manifest M]
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reelray", description="Render reproducible video datasets with GGUF Wan models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="show what a GGUF model file holds")
+    p = sub.add_parser("inspect", help="show what a model file (GGUF, or a safetensors VAE) holds and its family")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-model", help="write the embedded tiny model set (real file layouts, fixed seed)")
     p.add_argument("dir")
     p.add_argument("--quant", default="Q8_0", help="block weight type: F16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0")
+    p.add_argument("--family", default="wan2.1-t2v", help="the family whose file layout to write (default wan2.1-t2v)")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("render", help="render one video in this process")
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="default: the official Wan negative prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", default=None, help="first frame (image-to-video families): PNG, JPEG or WebP path or URI")
     add_param_args(p)
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.set_defaults(func=cmd_render)
@@ -98,11 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", help="directory holding the DiT, text encoder and VAE files")
+    p.add_argument("--model", help="directory holding the model files (subfolders included), recognised by content")
     p.add_argument("--dit", help="Wan DiT GGUF (instead of --model)")
+    p.add_argument("--dit-high", help="Wan2.2 A14B high-noise expert GGUF (with --dit-low, instead of --model)")
+    p.add_argument("--dit-low", help="Wan2.2 A14B low-noise expert GGUF (with --dit-high, instead of --model)")
     p.add_argument("--text-encoder", help="umT5 encoder, GGUF or safetensors (instead of --model)")
-    p.add_argument("--vae", help="Wan2.1 VAE, safetensors or GGUF (instead of --model)")
+    p.add_argument("--vae", help="Wan VAE (2.1 or 2.2), safetensors or GGUF (instead of --model)")
     p.add_argument("--tokenizer", help="SentencePiece .model (for a safetensors text encoder)")
+    p.add_argument("--family", default=None,
+                   help="the model family when the files alone cannot tell (wan2.1-t2v, wan2.2-t2v-a14b, "
+                        "wan2.2-i2v-a14b, wan2.2-ti2v-5b); default: recognised from the files")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on CUDA, float32 on the CPU)")
@@ -114,7 +121,9 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def add_param_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
+    p.add_argument("--guidance", type=float, help="guidance (the high-noise expert's in a Wan2.2 A14B family)")
+    p.add_argument("--guidance-2", type=float, help="the low-noise expert's guidance (Wan2.2 A14B families)")
+    p.add_argument("--boundary", type=float, help="expert switch: high noise while t >= boundary x 1000 (Wan2.2 A14B)")
     p.add_argument("--shift", type=float)
     p.add_argument("--size", help="WxH, e.g. 832x480")
     p.add_argument("--frames", type=int)
@@ -122,18 +131,28 @@ def add_param_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["unipc", "euler"])
 
 
+def model_files(args) -> dict[str, str]:
+    """The model files the arguments name, by role; {} when --model names a directory."""
+    roles = ("dit", "dit_high", "dit_low", "text_encoder", "vae", "tokenizer")
+    return {role: getattr(args, role) for role in roles if getattr(args, role, None)}
+
+
 def model_set(args):
     from engine.model_set import ModelSet
 
+    files = model_files(args)
     if args.model:
-        return ModelSet.from_dir(args.model)
-    if args.dit and args.text_encoder and args.vae:
-        return ModelSet.from_files(args.dit, args.text_encoder, args.vae, args.tokenizer)
-    raise CLIError("give --model DIR, or all of --dit, --text-encoder and --vae")
+        if files:
+            raise CLIError("give --model DIR or the files one by one (--dit/--dit-high/--dit-low, --text-encoder, --vae), not both")
+        return ModelSet.from_dir(args.model, family=args.family)
+    if files:
+        return ModelSet.from_files(files, family=args.family)
+    raise CLIError("give --model DIR, or --dit (or --dit-high and --dit-low), --text-encoder and --vae")
 
 
 def param_overrides(args) -> dict:
-    overrides = {name: getattr(args, name) for name in ("steps", "guidance", "shift", "frames", "fps", "sampler")}
+    names = ("steps", "guidance", "guidance_2", "boundary", "shift", "frames", "fps", "sampler")
+    overrides = {name: getattr(args, name) for name in names}
     if args.size:
         try:
             width, height = (int(v) for v in args.size.lower().split("x"))
@@ -152,11 +171,11 @@ def engine_options(args) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    from engine.describe import describe_gguf, format_description
+    from engine.describe import describe_file, format_description
 
     if not Path(args.file).is_file():
         raise CLIError(f"{args.file}: no such file")
-    info = describe_gguf(args.file)
+    info = describe_file(args.file)
     print(json.dumps(info, indent=2) if args.json else format_description(info))
     return 0
 
@@ -164,7 +183,7 @@ def cmd_inspect(args) -> int:
 def cmd_make_tiny_model(args) -> int:
     from engine.tiny import make_tiny_model
 
-    paths = make_tiny_model(args.dir, quant=args.quant)
+    paths = make_tiny_model(args.dir, quant=args.quant, family=args.family)
     for role, path in paths.items():
         print(f"{role:13s} {path}")
     return 0
@@ -173,15 +192,34 @@ def cmd_make_tiny_model(args) -> int:
 def cmd_render(args) -> int:
     from engine.render import Engine
     from engine.video import write_mp4
-    from jobs.params import RenderParams
+    from jobs.seeds import check_seed
 
     models = model_set(args)
-    # Parameters are checked before the model loads: a typo must not cost a 14B load.
-    params = RenderParams(**{**models.render_defaults().model_dump(), **param_overrides(args)})
+    spec = models.spec
+    # Checked as a manifest row is, before the model loads: a typo must not cost a 14B load.
+    try:
+        seed = check_seed(args.seed)
+    except ValueError as exc:
+        raise CLIError(f"--seed {args.seed}: {exc}") from None
+    if not args.prompt.strip():
+        raise CLIError("--prompt must not be empty")
+    params = spec.params(**param_overrides(args))
+    inputs = {"image": args.image} if args.image else {}
+    for name in inputs:
+        if name not in spec.input_names:
+            raise CLIError(f"--{name}: the {spec.title} family takes no {name} (its inputs: "
+                           f"{', '.join(spec.input_names) or 'none'})")
+    for input_spec in spec.inputs:
+        if input_spec.required and input_spec.name not in inputs:
+            raise CLIError(f"the {spec.title} family needs --{input_spec.name} ({input_spec.help})")
+    if "image" in inputs:
+        from engine.image import read_image
+
+        read_image(inputs["image"])  # an unreadable image fails here, in one line, before the load
     engine = Engine(models, **engine_options(args))
     bar = StepBar(sys.stderr)
     try:
-        result = engine.render(args.prompt, args.seed, params, args.negative_prompt, progress=bar.update)
+        result = engine.render(args.prompt, seed, params, args.negative_prompt, inputs, progress=bar.update)
     finally:
         bar.close()
     out = Path(args.out)
@@ -193,22 +231,48 @@ def cmd_render(args) -> int:
     finally:
         tmp.unlink(missing_ok=True)
     f, h, w, _ = result.frames.shape
-    print(f"{out}: {f} frames {w}x{h} at {params.fps} fps, frames_sha256 {result.frames_sha256}")
+    print(f"{out}: {spec.name}, {f} frames {w}x{h} at {params.fps} fps, frames_sha256 {result.frames_sha256}")
     return 0
 
 
 def cmd_run(args) -> int:
+    from jobs.seeds import parse_seed_range
     from pipeline.driver import RunConfig, run
 
-    config = RunConfig.from_args(args)
+    models = model_set(args)
+    config = RunConfig(
+        manifest=args.manifest,
+        out=args.out,
+        model_files=models.paths(),
+        family=models.family,
+        model_dir=args.model,
+        actors=args.actors,
+        seeds=parse_seed_range(args.seeds) if args.seeds else None,
+        skip_invalid=args.skip_invalid,
+        force=args.force,
+        address=args.address,
+        retries=args.retries,
+        job_timeout=args.job_timeout,
+        log_every=args.log_every,
+        device=args.device,
+        dtype=args.dtype,
+        policy=args.policy,
+    )
     report = run(config)
     return 0 if report["counts"]["failed"] == 0 else 1
 
 
 def cmd_status(args) -> int:
+    from jobs.seeds import parse_seed_range
     from pipeline.driver import status
 
-    counts = status(args)
+    if args.manifest:
+        models = model_set(args)
+        files, family = models.paths(), models.family
+    else:
+        files, family = None, None
+    seeds = parse_seed_range(args.seeds) if args.seeds else None
+    counts = status(args.out, args.manifest, files, family, seeds)
     if args.json:
         print(json.dumps(counts, indent=2))
     else:

@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from jobs.dataset import make_row
-from jobs.manifest import ManifestError, RenderJob, load_jobs, parse_seed_range
+from jobs.job import RenderJob
+from jobs.manifest import ManifestError, load_jobs
 from pipeline.actor import CONCURRENCY, RenderActor, software_versions
 from pipeline.output import OutputDir, OutputError
 from pipeline.progress import RunProgress
@@ -34,7 +35,8 @@ MAX_ERRORS_SHOWN = 20
 class RunConfig:
     manifest: str
     out: str
-    model_files: dict[str, str]
+    model_files: dict[str, str]  # role -> path (see engine.model_set.ModelSet.files)
+    family: str
     model_dir: str | None = None
     actors: int | None = None
     seeds: list[int] | None = None
@@ -48,31 +50,11 @@ class RunConfig:
     dtype: str | None = None
     policy: str = "dequantize_once"
 
-    @classmethod
-    def from_args(cls, args) -> "RunConfig":
-        from pipeline.cli import CLIError, model_set
-
-        if args.actors is not None and args.actors < 1:
-            raise CLIError(f"--actors {args.actors}: must be at least 1")
-        if args.retries < 0:
-            raise CLIError(f"--retries {args.retries}: must be 0 or more")
-        return cls(
-            manifest=args.manifest,
-            out=args.out,
-            model_files=model_set(args).files(),
-            model_dir=args.model,
-            actors=args.actors,
-            seeds=parse_seed_range(args.seeds) if args.seeds else None,
-            skip_invalid=args.skip_invalid,
-            force=args.force,
-            address=args.address,
-            retries=args.retries,
-            job_timeout=args.job_timeout,
-            log_every=args.log_every,
-            device=args.device,
-            dtype=args.dtype,
-            policy=args.policy,
-        )
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise ValueError(f"actors {self.actors}: must be at least 1")
+        if self.retries < 0:
+            raise ValueError(f"retries {self.retries}: must be 0 or more")
 
 
 class RunStopped(OutputError):
@@ -165,14 +147,7 @@ def run(config: RunConfig, stream=None) -> dict:
     stream = stream or sys.stderr
     started_at = datetime.now(timezone.utc)
     t_start = time.monotonic()
-    from engine.model_set import ModelSet
-
-    models = ModelSet.from_files(**config.model_files)
-    models.check_fit()  # before Ray starts: a mismatched set fails in a second, in one line
-    digest = models.digest()
-    defaults = models.render_defaults()
-
-    jobs, errors, n_rows = load_jobs(config.manifest, model_digest=digest, defaults=defaults, seeds=config.seeds)
+    jobs, errors, n_rows, models, digest = read_jobs(config.manifest, config.model_files, config.family, config.seeds)
     if errors and not config.skip_invalid:
         shown = "\n".join(f"  {e}" for e in errors[:MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
@@ -231,11 +206,13 @@ def run(config: RunConfig, stream=None) -> dict:
             "wall_s": time.monotonic() - t_start,
             "config": {k: v for k, v in asdict(config).items() if k != "seeds"} | {"seeds": summarize_seeds(config.seeds)},
             "model_digest": digest,
+            "family": models.family,
             "software": software_versions(),
             "counts": counts,
             "invalid_rows": [str(e) for e in errors[:1000]],
             "embedding_cache_hit_rate": sum(s["cache_hits"] for s in actor_stats) / lookups if lookups else None,
             "actors": actor_stats,
+            "expert_placement": [s["placement"] for s in actor_stats if s.get("placement")] or None,
             "stopped": stop_reason,
         }
         name = started_at.strftime("%Y%m%dT%H%M%S.%fZ")
@@ -251,6 +228,30 @@ def run(config: RunConfig, stream=None) -> dict:
         if stop_reason:
             raise RunStopped(f"{stop_reason}; {counts['done']} jobs are done and intact: rerun the same command to resume")
         return report
+
+
+def read_jobs(manifest: str, model_files: dict[str, str], family: str | None, seeds: list[int] | None):
+    """(jobs, row errors, rows read, model set, model digest): the model set is checked from its
+    file headers first, so a mismatched set fails in a second, before Ray starts."""
+    from engine.families import foreign_names, get_family
+    from engine.model_set import ModelSet
+
+    models = ModelSet.from_files(model_files, family=family)
+    models.check_fit()
+    digest = models.digest()
+    foreign = foreign_names(get_family(models.family))
+    jobs, errors, n_rows = load_jobs(manifest, model_digest=digest, family=models.spec, seeds=seeds, foreign=foreign,
+                                     digest=digest_and_probe)
+    return jobs, errors, n_rows, models, digest
+
+
+def digest_and_probe(uris):
+    """Input digests, each image's header checked on the way: a file that is not an image is
+    its rows' error before anything renders. (Every input today is an image.)"""
+    from engine.image import probe_image
+    from jobs.inputs import digest_inputs
+
+    return digest_inputs(uris, check=probe_image)
 
 
 def all_rows(done_rows: dict[str, dict], failed_rows: dict[str, dict]) -> list[dict]:
@@ -318,7 +319,7 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
     actor_cls = ray.remote(RenderActor).options(max_restarts=0, max_task_retries=0, max_concurrency=CONCURRENCY, **request)
 
     def start_actor(index: int) -> Slot:
-        handle = actor_cls.remote(config.model_files, digest, out.uri, engine_options)
+        handle = actor_cls.remote(models.paths(), models.family, digest, out.uri, engine_options)
         return Slot(index=index, handle=handle, ready_ref=handle.ready.remote())
 
     slots = [start_actor(i) for i in range(min(count, len(pending)))]
@@ -440,18 +441,15 @@ def one_line_cause(exc: BaseException) -> str:
 # -- status -------------------------------------------------------------------
 
 
-def status(args) -> dict:
-    out = OutputDir(args.out)
+def status(out_uri: str, manifest: str | None = None, model_files: dict[str, str] | None = None,
+           family: str | None = None, seeds: list[int] | None = None) -> dict:
+    """Done / failed / pending counts of an output directory (of a manifest's jobs, when given)."""
+    out = OutputDir(out_uri)
     scan = out.scan()
     failed = previous_failures(out, scan.done)
     counts: dict[str, Any] = {"done": len(scan.done), "failed": len(failed)}
-    if args.manifest:
-        from engine.model_set import ModelSet
-        from pipeline.cli import model_set
-
-        models: ModelSet = model_set(args)
-        seeds = parse_seed_range(args.seeds) if args.seeds else None
-        jobs, errors, _ = load_jobs(args.manifest, model_digest=models.digest(), defaults=models.render_defaults(), seeds=seeds)
+    if manifest:
+        jobs, errors, _, _, _ = read_jobs(manifest, model_files or {}, family, seeds)
         ids = {j.job_id for j in jobs}
         counts = {
             "done": len(ids & scan.done.keys()),

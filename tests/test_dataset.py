@@ -10,25 +10,26 @@ import pytest
 from jobs.dataset import (
     OUTPUT_SCHEMA,
     SidecarError,
-    done_job_ids,
     make_row,
     parse_sidecar,
-    rows_from_sidecars,
     rows_to_table,
     sidecar_bytes,
 )
+from engine.families import FAMILIES
+from engine.families.wan21_t2v import SPEC as WAN21
 from jobs.identity import sidecar_relpath, video_relpath
-from jobs.manifest import RenderJob
-from jobs.params import DEFAULT_NEGATIVE_PROMPT, RenderParams
+from jobs.job import InputRef, RenderJob
+from jobs.params import DEFAULT_NEGATIVE_PROMPT
 
 MODEL = "cd" * 32
-PARAMS = RenderParams(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
+PARAMS = WAN21.params(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
 
 
 def job(prompt="a red fox", seed=0, row=0, **passthrough):
     return RenderJob.create(
-        model_digest=MODEL, prompt=prompt, seed=seed, params=PARAMS, row=row, passthrough=passthrough
+        family="wan2.1-t2v", model_digest=MODEL, prompt=prompt, seed=seed, params=PARAMS, row=row,
+        negative_prompt=DEFAULT_NEGATIVE_PROMPT, passthrough=passthrough,
     )
 
 
@@ -47,7 +48,7 @@ def failed_row(j, **kw):
 
 def test_schema_columns_and_types():
     assert OUTPUT_SCHEMA.names == [
-        "job_id", "file_name", "prompt", "negative_prompt", "seed", "width", "height", "frames", "steps",
+        "job_id", "file_name", "family", "prompt", "negative_prompt", "seed", "width", "height", "frames", "steps",
         "guidance", "shift", "fps", "sampler", "model_digest", "status", "error", "attempts", "frames_sha256",
         "video_sha256", "video_bytes", "started_at", "finished_at", "render_s", "encode_s", "total_s", "node", "actor",
         "software", "row",
@@ -167,22 +168,29 @@ def test_bad_sidecars_raise_sidecar_error_naming_the_path():
     assert "not the job its name says" in str(exc.value)
 
 
-def test_rows_from_sidecars_separates_good_and_bad():
-    a, b, c = (done_row(job(p)) for p in ("a", "b", "c"))
-    items = [
-        ("x/a.json", sidecar_bytes(a)),
-        ("x/b.json", sidecar_bytes(b)[:-10]),
-        ("x/c.json", sidecar_bytes(c)),
-        ("x/d.json", b"{}"),
-    ]
-    rows, bad = rows_from_sidecars(items)
-    assert [r["job_id"] for r in rows] == [a["job_id"], c["job_id"]]
-    assert bad == ["x/b.json", "x/d.json"]
+def test_a_sidecar_from_before_families_reads_as_wan21_t2v():
+    row = done_row(job())
+    old = {k: v for k, v in json.loads(sidecar_bytes(row)).items() if k != "family"}
+    path = sidecar_relpath(row["job_id"])
+    parsed = parse_sidecar(json.dumps(old).encode(), path)
+    assert parsed["family"] == "wan2.1-t2v" and parsed["job_id"] == row["job_id"]
 
 
-def test_done_job_ids_counts_only_done_rows():
-    rows = [done_row(job("a")), failed_row(job("b")), done_row(job("c"))]
-    expected = {rows[0]["job_id"], rows[2]["job_id"]}
-    assert done_job_ids(rows) == expected
-    assert done_job_ids(rows_to_table(rows)) == expected
-    assert done_job_ids([]) == set()
+def test_family_parameters_and_inputs_are_columns_after_the_fixed_ones():
+    spec = FAMILIES["wan2.2-i2v-a14b"].spec
+    params = spec.params(width=64, height=48)
+    j = RenderJob.create(family=spec.name, model_digest=MODEL, prompt="p", seed=1, params=params,
+                         negative_prompt="n", inputs={"image": InputRef(uri="/data/a.png", sha256="ab" * 32)},
+                         passthrough={"tag": "x"})
+    row = done_row(j)
+    assert row["family"] == "wan2.2-i2v-a14b"
+    assert (row["guidance_2"], row["boundary"]) == (3.5, 0.9)
+    assert (row["image"], row["image_sha256"]) == ("/data/a.png", "ab" * 32)
+    table = rows_to_table([row])
+    names = table.column_names
+    assert names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    assert names[len(OUTPUT_SCHEMA):] == ["guidance_2", "boundary", "image", "image_sha256", "tag"]
+    assert table.schema.field("boundary").type == pa.float64()
+    assert parse_sidecar(sidecar_bytes(row), sidecar_relpath(j.job_id))["image_sha256"] == "ab" * 32
+    with pytest.raises(ValueError, match="clash"):
+        make_row(j.model_copy(update={"passthrough": {"image_sha256": "x"}}), status="failed", attempts=1, error="e")

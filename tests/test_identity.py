@@ -4,30 +4,33 @@ import json
 import os
 import re
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.families import FAMILIES
+from engine.families.wan21_t2v import SPEC as WAN21
 from jobs.identity import (
     JOB_SCHEMA,
     canonical_json,
     file_digest,
     job_digest,
-    job_id,
-    job_payload,
     model_digest,
     sidecar_relpath,
     video_relpath,
 )
-from jobs.params import RenderParams
+from jobs.manifest import load_jobs
 
 MODEL = "ab" * 32
-PARAMS = RenderParams(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
+PARAMS = WAN21.params(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
+A14B = FAMILIES["wan2.2-t2v-a14b"].spec
 
 texts = st.text(max_size=40)  # any code points but surrogates: control chars, RTL, emoji, quotes
 seeds = st.integers(0, 2**63 - 1)
 params = st.builds(
-    RenderParams,
+    WAN21.params,
     width=st.integers(1, 256).map(lambda k: 16 * k),
     height=st.integers(1, 256).map(lambda k: 16 * k),
     frames=st.integers(0, 250).map(lambda k: 4 * k + 1),
@@ -39,10 +42,25 @@ params = st.builds(
 )
 
 
+def job_id(model_digest, prompt, negative_prompt, seed, params, family="wan2.1-t2v", inputs=None):
+    return job_digest(model_digest, prompt, negative_prompt, seed, params, family, inputs).hex()
+
+
+def payload(model, prompt, negative, seed, p, family, inputs):
+    """The canonical job as the module docstring of jobs/identity.py defines it."""
+    obj = {"schema": JOB_SCHEMA, "model_digest": model, "prompt": prompt, "negative_prompt": negative,
+           "seed": seed, "params": p.model_dump()}
+    if family != "wan2.1-t2v":
+        obj["family"] = family
+    if inputs:
+        obj["inputs"] = inputs
+    return obj
+
+
 def test_job_id_is_64_hex_and_stable():
     a = job_id(MODEL, "a cat", "blurry", 7, PARAMS)
     assert re.fullmatch(r"[0-9a-f]{64}", a)
-    assert a == job_id(MODEL, "a cat", "blurry", 7, PARAMS.override())
+    assert a == job_id(MODEL, "a cat", "blurry", 7, WAN21.params(PARAMS))
     # the recipe, spelled out: sha256 of canonical JSON with the schema tag
     expected = hashlib.sha256(
         json.dumps(
@@ -55,26 +73,88 @@ def test_job_id_is_64_hex_and_stable():
     assert JOB_SCHEMA == "reelray.job/1"
 
 
+# Literal ids of Wan2.1 T2V jobs as reelray computed them before model families
+# existed (commit 32c2c24), for a fixed model set and manifest. Users resume
+# outputs rendered then: these must never change.
+PINNED_MODEL_DIGEST = "35f203ce816475ed36d791a409950736f7cfe5ce9076e9f19c60d9d9dc9d4243"
+PINNED_IDS = {
+    "official": [
+        (0, 0, "d1100e04281e4ff26bb3e10b5df0486904b2fc00523fb6be09f49a6123f07a5c"),
+        (1, 7, "afab4268d5486f8f48cd06f7b1412f55c0b0c13336991457f63efe96e9ef42d5"),
+        (2, 123456789, "cb44234b6ffaacac6770ee5e115e739cfb271fe4dd5dddaea78f0fa305aa1f77"),
+        (3, 3, "1c75b308c1e2e46212bbc63c43397a6417ac8b7db5418cff6ed278e2eeefb540"),
+        (3, 4, "42e7c06e4f92bfd51e6c3a027367cc5a648d88cd312e64e9c867c86b553a19c7"),
+    ],
+    "tiny": [
+        (0, 0, "9f013a9c406407bc09d8387fb898829cb45467a05e0e299b9c045a16fd0b9cb5"),
+        (1, 7, "1bfd16985b00e89bf157aa5343c2e73b0d26cddfce5b30b96789ef9215535535"),
+        (2, 123456789, "737bd05f53d7f758ee0857d8ed8e0340a2e1086214c37a4addbb125a03826155"),
+        (3, 3, "f3994154d59bbe47153bcd18eb76295c01f413c9b0e38b49c5b56e8be7b22295"),
+        (3, 4, "3a493ac31f8879d3dad592b1d5651c48893a5cd0d19b731c1787182ce29cf075"),
+    ],
+}
+
+
+def test_wan21_t2v_job_ids_are_pinned(tmp_path):
+    files = {}
+    for role, content in (("dit", b"dit-bytes"), ("text_encoder", b"umt5-bytes"), ("vae", b"vae-bytes")):
+        files[role] = tmp_path / role
+        files[role].write_bytes(content)
+    digest = model_digest(files)
+    assert digest == PINNED_MODEL_DIGEST
+    pq.write_table(pa.table({
+        "prompt": ["a red fox in snow", "a red fox in snow", "城市夜景", "waves"],
+        "negative_prompt": [None, "blurry", None, ""],
+        "seed": [0, 7, 123456789, None],
+        "steps": [None, 20, None, None],
+        "guidance": [None, None, 6.5, None],
+        "width": [None, None, None, 1280], "height": [None, None, None, 720],
+        "sampler": [None, None, "euler", None],
+    }), tmp_path / "m.parquet")
+    tiny = WAN21.with_defaults(dict(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=5.0, fps=16))
+    for name, spec in (("official", WAN21), ("tiny", tiny)):
+        jobs, errors, _ = load_jobs(tmp_path / "m.parquet", model_digest=digest, family=spec, seeds=[3, 4])
+        assert not errors
+        assert [(j.row, j.seed, j.job_id) for j in jobs] == PINNED_IDS[name]
+
+
+def test_family_and_inputs_enter_the_id_of_every_other_family():
+    a14b = A14B.params(**PARAMS, guidance_2=3.0, boundary=0.875)
+    ids = {
+        job_id(MODEL, "p", "n", 0, PARAMS),
+        job_id(MODEL, "p", "n", 0, PARAMS, family="wan2.2-ti2v-5b"),
+        job_id(MODEL, "p", "n", 0, a14b, family="wan2.2-t2v-a14b"),
+        job_id(MODEL, "p", "n", 0, A14B.params(a14b, boundary=0.9), family="wan2.2-t2v-a14b"),
+        job_id(MODEL, "p", "n", 0, PARAMS, family="wan2.2-ti2v-5b", inputs={"image": "aa" * 32}),
+        job_id(MODEL, "p", "n", 0, PARAMS, family="wan2.2-ti2v-5b", inputs={"image": "bb" * 32}),
+    }
+    assert len(ids) == 6
+    assert job_id(MODEL, "p", "n", 0, PARAMS, family="wan2.2-ti2v-5b", inputs={}) == \
+        job_id(MODEL, "p", "n", 0, PARAMS, family="wan2.2-ti2v-5b")
+
+
 def test_equal_numbers_are_one_job():
-    five = PARAMS.override(guidance=5)
-    assert job_id(MODEL, "p", "n", 0, five) == job_id(MODEL, "p", "n", 0, PARAMS.override(guidance=5.0))
+    five = WAN21.params(PARAMS, guidance=5)
+    assert job_id(MODEL, "p", "n", 0, five) == job_id(MODEL, "p", "n", 0, WAN21.params(PARAMS, guidance=5.0))
     # -0.0 == 0.0 in Python but not in JSON text: normalised, in either order of first use
-    negative_zero, zero = PARAMS.override(guidance=-0.0), PARAMS.override(guidance=0.0)
+    negative_zero, zero = WAN21.params(PARAMS, guidance=-0.0), WAN21.params(PARAMS, guidance=0.0)
     assert str(negative_zero.guidance) == "0.0"
     assert job_id(MODEL, "p", "n", 0, negative_zero) == job_id(MODEL, "p", "n", 0, zero)
 
 
 @settings(max_examples=80)
-@given(model=st.text(min_size=1, max_size=70), prompt=texts, negative=texts, seed=seeds, p=params)
-def test_hand_written_canonical_json_matches_json_dumps(model, prompt, negative, seed, p):
-    payload = job_payload(model, prompt, negative, seed, p)
-    assert job_digest(model, prompt, negative, seed, p) == hashlib.sha256(canonical_json(payload)).digest()
+@given(model=st.text(min_size=1, max_size=70), prompt=texts, negative=texts, seed=seeds, p=params,
+       family=st.sampled_from(list(FAMILIES)),
+       inputs=st.one_of(st.none(), st.dictionaries(st.sampled_from(["image", "video"]), st.text(max_size=64))))
+def test_hand_written_canonical_json_matches_json_dumps(model, prompt, negative, seed, p, family, inputs):
+    expected = hashlib.sha256(canonical_json(payload(model, prompt, negative, seed, p, family, inputs))).digest()
+    assert job_digest(model, prompt, negative, seed, p, family, inputs) == expected
 
 
 @settings(max_examples=80)
 @given(
     prompt=texts, negative=texts, seed=seeds, p=params,
-    field=st.sampled_from(["model", "prompt", "negative", "seed", *RenderParams.model_fields]),
+    field=st.sampled_from(["model", "prompt", "negative", "seed", *WAN21.param_names]),
     data=st.data(),
 )
 def test_changing_any_field_changes_the_id(prompt, negative, seed, p, field, data):
@@ -101,7 +181,7 @@ def test_changing_any_field_changes_the_id(prompt, negative, seed, p, field, dat
             new = 1 if value != 1 else 5
         else:  # steps, fps
             new = 1 if value != 1 else 2
-        changed["params"] = p.override(**{field: new})
+        changed["params"] = WAN21.params(p, **{field: new})
     assert job_id(**changed) != before
     assert job_id(**base) == before
 
@@ -116,6 +196,7 @@ def test_changing_any_field_changes_the_id(prompt, negative, seed, p, field, dat
         (dict(model_digest=""), "model_digest must be a non-empty string"),
         (dict(prompt=None), "prompt and negative_prompt must be strings"),
         (dict(params={"width": 64}), "params must be a RenderParams, got dict"),
+        (dict(family=""), "family must be a non-empty string"),
     ],
 )
 def test_job_id_refuses_bad_inputs(kwargs, message):

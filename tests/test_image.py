@@ -341,3 +341,17 @@ def test_image_functions_reject_non_uint8_rgb():
         i2v_a14b_image(np.zeros((8, 8, 4), np.uint8), 8, 8)
     with pytest.raises(ValueError, match="height"):
         i2v_a14b_image(np.zeros((8, 8, 3), np.uint8), 0, 8)
+
+
+def test_probe_image_reads_the_size_from_the_header_and_names_bad_files(tmp_path):
+    from engine.image import probe_image
+
+    Image.fromarray(np.zeros((30, 70, 3), np.uint8)).save(tmp_path / "a.webp")
+    assert probe_image(str(tmp_path / "a.webp")) == (70, 30)
+    (tmp_path / "b.png").write_text("hello")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "c.bmp")
+    for name, reason in (("b.png", "not a PNG, JPEG or WebP image"), ("c.bmp", "not a PNG, JPEG or WebP image"),
+                         ("missing.png", "no such file")):
+        with pytest.raises(ImageError) as exc:
+            probe_image(str(tmp_path / name))
+        assert str(exc.value).startswith(str(tmp_path / name)) and reason in str(exc.value), str(exc.value)

@@ -12,21 +12,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobs.identity import job_id, video_relpath
+from engine.families.wan21_t2v import SPEC as WAN21
+from jobs.identity import job_digest, video_relpath
+from jobs.job import RenderJob
 from jobs.manifest import (
-    MAX_SEED_COUNT,
     ManifestError,
-    RenderJob,
     RowError,
     load_jobs,
-    parse_seed_range,
     read_manifest,
-    validate_manifest,
 )
-from jobs.params import DEFAULT_NEGATIVE_PROMPT, WAN21_T2V_DEFAULTS, RenderParams
+from jobs.seeds import MAX_SEED_COUNT, check_seed, parse_seed_range
+from jobs.params import DEFAULT_NEGATIVE_PROMPT
 
 MODEL = "9f" * 32
-TINY = RenderParams(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
+TINY = WAN21.with_defaults(dict(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16))
+
+
+def job_id(model, prompt, negative, seed, params, family="wan2.1-t2v", inputs=None):
+    return job_digest(model, prompt, negative, seed, params, family, inputs).hex()
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,13 +40,23 @@ def write(path, columns, **kw):
     return str(path)
 
 
-def read(source, defaults=TINY, **kw):
+def read(source, family=TINY, **kw):
     """All jobs and errors of a source."""
     jobs, errors = [], []
-    for batch in read_manifest(source, model_digest=MODEL, defaults=defaults, **kw):
+    for batch in read_manifest(source, model_digest=MODEL, family=family, **kw):
         jobs.extend(batch.jobs)
         errors.extend(batch.errors)
     return jobs, errors
+
+
+def summary(source, **kw):
+    """(rows, jobs, duplicates, errors) of a source, streamed without holding its jobs."""
+    n_rows = n_jobs = n_duplicates = 0
+    errors = []
+    for batch in read_manifest(source, model_digest=MODEL, family=TINY, **kw):
+        n_rows, n_jobs, n_duplicates = batch.rows_read, n_jobs + len(batch.jobs), n_duplicates + batch.duplicates
+        errors.extend(batch.errors)
+    return n_rows, n_jobs, n_duplicates, errors
 
 
 def test_rows_become_jobs_with_defaults_overrides_and_ids(tmp_path):
@@ -62,13 +75,13 @@ def test_rows_become_jobs_with_defaults_overrides_and_ids(tmp_path):
     assert [j.negative_prompt for j in jobs] == [DEFAULT_NEGATIVE_PROMPT, "blurry", DEFAULT_NEGATIVE_PROMPT]
     assert [j.params.steps for j in jobs] == [4, 8, 4]
     assert [j.params.guidance for j in jobs] == [5.0, 5.0, 7.0]
-    assert jobs[1].params == TINY.override(steps=8)
+    assert jobs[1].params == TINY.params(steps=8)
     for j in jobs:
         assert j.job_id == job_id(MODEL, j.prompt, j.negative_prompt, j.seed, j.params)
         assert j.model_digest == MODEL and j.passthrough == {}
         RenderJob.model_validate(j.model_dump())  # the fast construction path built a valid job
     # other defaults give other jobs
-    wan_jobs, _ = read(src, defaults=WAN21_T2V_DEFAULTS)
+    wan_jobs, _ = read(src, family=WAN21)
     assert [j.params.width for j in wan_jobs] == [832, 832, 832]
     assert {j.job_id for j in wan_jobs}.isdisjoint(j.job_id for j in jobs)
 
@@ -101,18 +114,18 @@ def test_duplicate_jobs_are_yielded_once_keeping_the_first_row(tmp_path):
         tmp_path / "m.parquet",
         {"prompt": ["cat", "dog", "cat", "cat"], "seed": pa.array([1, 1, 1, 2], pa.int64()), "tag": ["a", "b", "c", "d"]},
     )
-    batches = list(read_manifest(src, model_digest=MODEL, defaults=TINY))
+    batches = list(read_manifest(src, model_digest=MODEL, family=TINY))
     jobs = [j for b in batches for j in b.jobs]
     assert [(j.row, j.passthrough["tag"]) for j in jobs] == [(0, "a"), (1, "b"), (3, "d")]
     assert sum(b.duplicates for b in batches) == 1
-    report = validate_manifest(src, model_digest=MODEL, defaults=TINY)
-    assert (report.n_rows, report.n_jobs, report.n_duplicates, report.n_errors) == (4, 3, 1, 0)
+    n_rows, n_jobs, n_duplicates, errors = summary(src)
+    assert (n_rows, n_jobs, n_duplicates, errors) == (4, 3, 1, [])
 
 
 def test_load_jobs_gathers_every_batch(tmp_path):
     src = write(tmp_path / "m.parquet", {"prompt": ["a", "", "c", "a"], "seed_count": pa.array([2, 1, 1, 2]),
                                          "seed_start": pa.array([0, 0, 5, 0])})
-    jobs, errors, n_rows = load_jobs(src, model_digest=MODEL, defaults=TINY, batch_rows=1)
+    jobs, errors, n_rows = load_jobs(src, model_digest=MODEL, family=TINY, batch_rows=1)
     assert [(j.row, j.seed) for j in jobs] == [(0, 0), (0, 1), (2, 5)]
     assert [str(e) for e in errors] == ["row 1: prompt: must not be empty"] and n_rows == 4
 
@@ -122,7 +135,7 @@ def test_long_sweeps_are_split_into_bounded_batches(tmp_path):
         tmp_path / "m.parquet",
         {"prompt": ["a", "b", "c"], "seed_start": pa.array([0, 0, None]), "seed_count": pa.array([5, 2, None])},
     )
-    batches = list(read_manifest(src, model_digest=MODEL, defaults=TINY, batch_rows=2))
+    batches = list(read_manifest(src, model_digest=MODEL, family=TINY, batch_rows=2))
     # record batches of 2 rows: rows 0-1 give 5 + 2 jobs (flushed 2 at a time), row 2 gives 1
     assert [len(b.jobs) for b in batches] == [2, 2, 2, 1, 1]
     assert [b.rows_read for b in batches] == [0, 0, 1, 2, 3]
@@ -150,7 +163,7 @@ BAD_ROWS = [
     ({"shift": pa.array([1.0, 0.0])}, ["row 1: shift: must be > 0, got 0.0"]),
     ({"width": pa.array([64, 100])}, ["row 1: width: must be a multiple of 16 in 16..4096, got 100"]),
     ({"height": pa.array([64, 8192])}, ["row 1: height: must be a multiple of 16 in 16..4096, got 8192"]),
-    ({"frames": pa.array([9, 80])}, ["row 1: frames: must be 4k+1 (1, 5, 9, ..., 81, ...) in 1..1001, got 80"]),
+    ({"frames": pa.array([9, 80])}, ["row 1: frames: must be 4k+1 (1, 5, 9, ...) in 1..1001, got 80"]),
     ({"fps": pa.array([16, 0])}, ["row 1: fps: must be an integer in 1..240, got 0"]),
     ({"sampler": pa.array(["euler", "ddim"])}, ["row 1: sampler: must be one of 'unipc', 'euler', got str 'ddim'"]),
     ({"seed": pa.array([1, -1])}, ["row 1: seed: must be an integer in 0..2**63-1, got -1"]),
@@ -185,8 +198,6 @@ def test_every_bad_field_is_a_row_error_with_row_and_field(tmp_path, columns, ex
     assert [str(e) for e in errors] == expected
     bad_rows = {e.row for e in errors}
     assert [j.row for j in jobs] == [r for r in (0, 1) if r not in bad_rows]
-    report = validate_manifest(src, model_digest=MODEL, defaults=TINY)
-    assert [str(e) for e in report.errors] == expected and report.n_bad_rows == len(bad_rows)
 
 
 def test_row_numbers_are_global_across_files_in_sorted_order(tmp_path):
@@ -237,19 +248,17 @@ def test_whole_source_problems_raise_one_line_manifest_errors(tmp_path, make, so
     make(tmp_path)
     source = source.format(d=tmp_path)
     with pytest.raises(ManifestError) as exc:
-        read_manifest(source, model_digest=MODEL, defaults=TINY)  # raised before any batch is read
+        read_manifest(source, model_digest=MODEL, family=TINY)  # raised before any batch is read
     text = str(exc.value)
     assert text.startswith(message.format(d=tmp_path)), text
     assert "\n" not in text and "Traceback" not in text
-    with pytest.raises(ManifestError):
-        validate_manifest(source, model_digest=MODEL, defaults=TINY)
 
 
 def test_a_bad_file_in_a_directory_is_named_before_any_job(tmp_path):
     write(tmp_path / "a.parquet", {"prompt": ["fine"]})
     (tmp_path / "b.parquet").write_bytes(b"PAR1 but not really")
     with pytest.raises(ManifestError, match=r"b\.parquet: not a readable Parquet file"):
-        read_manifest(str(tmp_path), model_digest=MODEL, defaults=TINY)
+        read_manifest(str(tmp_path), model_digest=MODEL, family=TINY)
 
 
 def test_passthrough_columns_are_kept_as_plain_values(tmp_path):
@@ -293,7 +302,7 @@ def test_cells_python_cannot_hold_are_row_errors(tmp_path):
 
 def test_a_file_corrupted_after_listing_gives_a_manifest_error_naming_it(tmp_path):
     src = write(tmp_path / "m.parquet", {"prompt": ["a"] * 100})
-    batches = read_manifest(Path(src), model_digest=MODEL, defaults=TINY)
+    batches = read_manifest(Path(src), model_digest=MODEL, family=TINY)
     Path(src).write_bytes(b"garbage" * 10)
     with pytest.raises(ManifestError) as exc:
         list(batches)
@@ -301,9 +310,10 @@ def test_a_file_corrupted_after_listing_gives_a_manifest_error_naming_it(tmp_pat
 
 
 def test_render_job_checks_its_id_and_content():
-    job = RenderJob.create(model_digest=MODEL, prompt="a cat", seed=3, params=TINY, negative_prompt="  ")
-    assert job.negative_prompt == DEFAULT_NEGATIVE_PROMPT
-    assert job.job_id == job_id(MODEL, "a cat", DEFAULT_NEGATIVE_PROMPT, 3, TINY)
+    params = TINY.defaults()
+    job = RenderJob.create(family="wan2.1-t2v", model_digest=MODEL, prompt="a cat", seed=3, params=params,
+                           negative_prompt=DEFAULT_NEGATIVE_PROMPT)
+    assert job.job_id == job_id(MODEL, "a cat", DEFAULT_NEGATIVE_PROMPT, 3, params)
     fields = job.model_dump()
     assert RenderJob(**fields) == job
     for change, message in [
@@ -312,7 +322,7 @@ def test_render_job_checks_its_id_and_content():
         ({"seed": True}, "seed"),
         ({"seed": 2**63}, "seed"),
         ({"prompt": " "}, "prompt must not be empty"),
-        ({"passthrough": {"status": "x"}}, "clash"),
+        ({"family": "wan2.2-ti2v-5b"}, "does not match the job's content"),
         ({"passthrough": {"blob": b"x"}}, "not a JSON-able plain value"),
         ({"extra": 1}, "extra"),
     ]:
@@ -330,27 +340,25 @@ def test_prompts_never_become_paths(tmp_path):
         assert path == f"videos/{j.job_id[:2]}/{j.job_id}.mp4" and ".." not in path
 
 
-def test_validate_keeps_the_first_errors_and_counts_all(tmp_path):
+def test_every_error_of_many_bad_rows_is_reported(tmp_path):
     n = 2500
     src = write(tmp_path / "m.parquet", {"prompt": ["p"] * n, "steps": pa.array([-1] * n), "fps": pa.array([0] * n)})
-    report = validate_manifest(src, model_digest=MODEL, defaults=TINY, max_errors=1000, batch_rows=512)
-    assert (report.n_rows, report.n_jobs, report.n_bad_rows, report.n_errors) == (2500, 0, 2500, 5000)
-    assert len(report.errors) == 1000 and not report.ok
-    assert str(report.errors[0]) == "row 0: steps: must be an integer in 1..1000, got -1"
-    assert str(report.errors[-1]) == "row 499: fps: must be an integer in 1..240, got 0"
-    assert str(report) == "2500 rows in 1 file(s): 0 jobs (0 duplicates dropped), 2500 bad rows, 5000 errors"
+    n_rows, n_jobs, _, errors = summary(src, batch_rows=512)
+    assert (n_rows, n_jobs, len(errors), len({e.row for e in errors})) == (2500, 0, 5000, 2500)
+    assert str(errors[0]) == "row 0: steps: must be an integer in 1..1000, got -1"
+    assert str(errors[-1]) == "row 2499: fps: must be an integer in 1..240, got 0"
 
 
 def test_read_manifest_refuses_bad_arguments(tmp_path):
     src = write(tmp_path / "m.parquet", {"prompt": ["p"]})
     with pytest.raises(ValueError, match="batch_rows"):
-        read_manifest(src, model_digest=MODEL, defaults=TINY, batch_rows=0)
+        read_manifest(src, model_digest=MODEL, family=TINY, batch_rows=0)
     with pytest.raises(ValueError, match="model_digest"):
-        read_manifest(src, model_digest="", defaults=TINY)
+        read_manifest(src, model_digest="", family=TINY)
     with pytest.raises(ValueError, match="seeds must not be empty"):
-        read_manifest(src, model_digest=MODEL, defaults=TINY, seeds=[])
+        read_manifest(src, model_digest=MODEL, family=TINY, seeds=[])
     with pytest.raises(ValueError, match="got -1"):
-        read_manifest(src, model_digest=MODEL, defaults=TINY, seeds=[-1])
+        read_manifest(src, model_digest=MODEL, family=TINY, seeds=[-1])
 
 
 @pytest.mark.parametrize(
@@ -391,11 +399,15 @@ def test_validating_200k_rows_keeps_memory_bounded(tmp_path):
         "def peak_mib():\n"
         "    status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
         "    return int(status.split()[0]) // 1024\n"
-        "from jobs.manifest import validate_manifest\n"
-        "from jobs.params import WAN21_T2V_DEFAULTS\n"
+        "from jobs.family import FamilySpec\n"
+        "from jobs.manifest import read_manifest\n"
+        "from jobs.params import size_param, steps_param\n"
+        "spec = FamilySpec('wan2.1-t2v', 'T', (size_param('width', 832, 16), steps_param(50)))\n"
         "before = peak_mib()\n"
-        "r = validate_manifest(sys.argv[1], model_digest='0' * 64, defaults=WAN21_T2V_DEFAULTS, batch_rows=1000)\n"
-        "print(r.n_rows, r.n_jobs, r.n_errors, peak_mib() - before)\n"
+        "rows = jobs = errors = 0\n"
+        "for b in read_manifest(sys.argv[1], model_digest='0' * 64, family=spec, batch_rows=1000):\n"
+        "    rows, jobs, errors = b.rows_read, jobs + len(b.jobs), errors + len(b.errors)\n"
+        "print(rows, jobs, errors, peak_mib() - before)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, src], capture_output=True, text=True, cwd=REPO, check=True)
     n_rows, n_jobs, n_errors, growth_mib = map(int, out.stdout.split())
@@ -458,6 +470,83 @@ def test_random_manifests_never_crash_and_account_for_every_row(tmp_path, manife
     for j in jobs:
         assert j.job_id == job_id(MODEL, j.prompt, j.negative_prompt, j.seed, j.params)
         assert 0 <= j.seed <= 2**63 - 1 and j.prompt.strip()
-    report = validate_manifest(src, model_digest=MODEL, defaults=TINY, batch_rows=batch_rows)
-    assert (report.n_rows, report.n_jobs, report.n_errors) == (n, len(jobs), len(errors))
-    assert list(report.errors) == errors
+    n_rows, n_jobs, _, streamed_errors = summary(src, batch_rows=batch_rows)
+    assert (n_rows, n_jobs, streamed_errors) == (n, len(jobs), errors)
+
+
+# ------------------------------------------------------------------ families and inputs
+
+from engine.families import FAMILIES, foreign_names  # noqa: E402
+
+I2V = FAMILIES["wan2.2-i2v-a14b"]
+A14B = FAMILIES["wan2.2-t2v-a14b"]
+
+
+def read_family(source, family, **kw):
+    jobs, errors = [], []
+    for batch in read_manifest(source, model_digest=MODEL, family=family.spec, foreign=foreign_names(family), **kw):
+        jobs.extend(batch.jobs)
+        errors.extend(batch.errors)
+    return jobs, errors
+
+
+def test_family_parameters_override_per_row_and_enter_the_id(tmp_path):
+    src = write(tmp_path / "m.parquet", {"prompt": ["a", "a", "a"], "boundary": pa.array([None, 0.9, None]),
+                                         "guidance_2": pa.array([None, None, 2])})
+    jobs, errors = read_family(src, A14B)
+    assert errors == []
+    assert [(j.params.boundary, j.params.guidance_2) for j in jobs] == [(0.875, 3.0), (0.9, 3.0), (0.875, 2.0)]
+    assert len({j.job_id for j in jobs}) == 3 and {j.family for j in jobs} == {"wan2.2-t2v-a14b"}
+    for j in jobs:
+        assert j.job_id == job_id(MODEL, j.prompt, j.negative_prompt, j.seed, j.params, "wan2.2-t2v-a14b")
+
+
+def test_another_familys_parameter_or_input_is_a_row_error_not_passthrough(tmp_path):
+    src = write(tmp_path / "m.parquet", {"prompt": ["a", "b", "c"], "boundary": pa.array([None, 0.9, None]),
+                                         "image": pa.array([None, None, "x.png"])})
+    jobs, errors = read_family(src, FAMILIES["wan2.1-t2v"])
+    assert [j.row for j in jobs] == [0] and jobs[0].passthrough == {}
+    assert [(e.row, e.field) for e in errors] == [(1, "boundary"), (2, "image")]
+    assert "the Wan2.1 T2V family has no 'image' (its parameters: width, height" in str(errors[1])
+    assert "its inputs: none" in str(errors[1])
+
+
+def test_image_inputs_are_resolved_hashed_once_and_identified_by_content(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"image A")
+    (tmp_path / "copy.png").write_bytes(b"image A")
+    (tmp_path / "b.png").write_bytes(b"image B")
+    src = write(tmp_path / "m.parquet", {"prompt": ["p"] * 5, "seed": pa.array([0, 0, 0, 0, 0]),
+                                         "image": ["imgs/a.png", str(tmp_path / "copy.png"), "b.png", "missing.png",
+                                                   None]})
+    calls = []
+
+    def counting(uris):
+        from jobs.inputs import digest_inputs
+
+        calls.append(list(uris))
+        return digest_inputs(uris)
+
+    jobs, errors = [], []
+    for batch in read_manifest(src, model_digest=MODEL, family=I2V.spec, foreign=foreign_names(I2V), digest=counting):
+        jobs.extend(batch.jobs)
+        errors.extend(batch.errors)
+    import hashlib
+
+    sha_a = hashlib.sha256(b"image A").hexdigest()
+    # the same bytes under another path are the same job (the first row wins); another image is another job
+    assert [(j.row, j.inputs["image"].uri, j.inputs["image"].sha256) for j in jobs] == [
+        (0, str(tmp_path / "imgs" / "a.png"), sha_a), (2, str(tmp_path / "b.png"), hashlib.sha256(b"image B").hexdigest())]
+    assert [(e.row, e.field) for e in errors] == [(3, "image"), (4, "image")]
+    assert str(tmp_path / "missing.png") in str(errors[0]) and "\n" not in str(errors[0])
+    assert "is missing: the Wan2.2 I2V-A14B family needs an image" in str(errors[1])
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(
+        str(tmp_path / p) for p in ("imgs/a.png", "copy.png", "b.png", "missing.png"))
+    assert jobs[0].job_id == job_id(MODEL, "p", jobs[0].negative_prompt, 0, jobs[0].params, I2V.spec.name,
+                                    {"image": sha_a})
+
+
+def test_an_input_digest_column_cannot_be_passthrough(tmp_path):
+    src = write(tmp_path / "m.parquet", {"prompt": ["p"], "image": ["a.png"], "image_sha256": ["x"]})
+    with pytest.raises(ManifestError, match=r"\['image_sha256'\] are output-dataset columns"):
+        read_family(src, I2V)

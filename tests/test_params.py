@@ -1,21 +1,21 @@
-"""RenderParams: the checks every render parameter goes through, and the official defaults."""
+"""Render parameters: the checks every value goes through, the families' declarations, the official defaults."""
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
-from jobs.params import (
-    DEFAULT_NEGATIVE_PROMPT,
-    PARAM_FIELDS,
-    WAN21_T2V_DEFAULTS,
-    RenderParams,
-    check_param,
-)
+from engine.families import FAMILIES
+from engine.families.wan21_t2v import SPEC as WAN21
+from jobs.family import FamilySpec
+from jobs.params import DEFAULT_NEGATIVE_PROMPT, ParamSpec, RenderParams
 
 GOOD = dict(width=64, height=48, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="euler")
+
+
+def check_param(name, value):
+    return WAN21.check_param(name, value)
 
 
 def test_default_negative_prompt_is_the_official_137_character_text():
@@ -27,21 +27,47 @@ def test_default_negative_prompt_is_the_official_137_character_text():
 
 
 def test_wan21_t2v_defaults_are_the_official_ones():
-    d = WAN21_T2V_DEFAULTS
+    d = WAN21.defaults()
     assert (d.width, d.height, d.frames, d.steps, d.fps, d.sampler) == (832, 480, 81, 50, 16, "unipc")
     assert (d.guidance, d.shift) == (5.0, 5.0)
     # latent grid of the official 832x480x81 default: (16, 21, 60, 104)
     assert ((d.frames - 1) // 4 + 1, d.height // 8, d.width // 8) == (21, 60, 104)
 
 
-def test_param_fields_name_every_field_in_order():
-    assert PARAM_FIELDS == ("width", "height", "frames", "steps", "guidance", "shift", "fps", "sampler")
-    assert tuple(RenderParams.model_fields) == PARAM_FIELDS
+@pytest.mark.parametrize("name, expected", [
+    ("wan2.2-t2v-a14b", dict(width=1280, height=720, frames=81, steps=40, guidance=4.0, guidance_2=3.0,
+                             boundary=0.875, shift=12.0, fps=16)),
+    ("wan2.2-i2v-a14b", dict(width=0, height=0, frames=81, steps=40, guidance=3.5, guidance_2=3.5,
+                             boundary=0.9, shift=5.0, fps=16)),
+    ("wan2.2-ti2v-5b", dict(width=0, height=0, frames=121, steps=50, guidance=5.0, shift=5.0, fps=24)),
+])
+def test_wan22_defaults_are_the_official_ones(name, expected):
+    defaults = FAMILIES[name].spec.defaults()
+    assert {k: defaults[k] for k in expected} == expected
+    assert defaults.sampler == "unipc"
+
+
+def test_each_family_declares_its_own_bounds():
+    ti2v = FAMILIES["wan2.2-ti2v-5b"].spec
+    with pytest.raises(ValueError, match="must be a multiple of 32"):
+        ti2v.params(width=48)
+    assert ti2v.params(width=1280, height=704).width == 1280
+    assert WAN21.params(width=48).width == 48  # Wan2.1 sizes are multiples of 16
+    a14b = FAMILIES["wan2.2-t2v-a14b"].spec
+    with pytest.raises(ValueError, match=r"boundary: must be <= 1, got 1.5"):
+        a14b.params(boundary=1.5)
+    with pytest.raises(ValueError, match="the Wan2.1 T2V family has no parameter 'guidance_2'"):
+        WAN21.params(guidance_2=3.0)
+
+
+def test_param_names_are_declared_in_order():
+    assert WAN21.param_names == ("width", "height", "frames", "steps", "guidance", "shift", "fps", "sampler")
+    assert FAMILIES["wan2.2-t2v-a14b"].spec.param_names[-2:] == ("guidance_2", "boundary")
 
 
 def test_numbers_are_normalised_so_equal_values_are_equal_params():
-    a = RenderParams(**{**GOOD, "guidance": 5, "shift": 3, "steps": 4.0})
-    b = RenderParams(**GOOD)
+    a = WAN21.params(**{**GOOD, "guidance": 5, "shift": 3, "steps": 4.0})
+    b = WAN21.params(**GOOD)
     assert a == b and hash(a) == hash(b)
     assert type(a.guidance) is float and type(a.steps) is int
     assert a.model_dump() == GOOD
@@ -54,8 +80,8 @@ def test_numbers_are_normalised_so_equal_values_are_equal_params():
         ("width", 0, "must be a multiple of 16 in 16..4096, got 0"),
         ("height", 4112, "must be a multiple of 16 in 16..4096, got 4112"),
         ("width", True, "must be an integer, got bool True"),
-        ("frames", 80, "must be 4k+1 (1, 5, 9, ..., 81, ...) in 1..1001, got 80"),
-        ("frames", 1005, "must be 4k+1 (1, 5, 9, ..., 81, ...) in 1..1001, got 1005"),
+        ("frames", 80, "must be 4k+1 (1, 5, 9, ...) in 1..1001, got 80"),
+        ("frames", 1005, "must be 4k+1 (1, 5, 9, ...) in 1..1001, got 1005"),
         ("steps", -3, "must be an integer in 1..1000, got -3"),
         ("steps", 0, "must be an integer in 1..1000, got 0"),
         ("steps", 50.5, "must be an integer, got 50.5"),
@@ -78,11 +104,9 @@ def test_each_bad_value_is_refused_with_its_reason(name, value, reason):
     with pytest.raises(ValueError) as exc:
         check_param(name, value)
     assert str(exc.value) == reason
-    with pytest.raises(ValidationError) as exc:
-        RenderParams(**{**GOOD, name: value})
-    errors = exc.value.errors()
-    assert len(errors) == 1 and errors[0]["loc"] == (name,)
-    assert reason in str(exc.value)
+    with pytest.raises(ValueError) as exc:
+        WAN21.params(**{**GOOD, name: value})
+    assert str(exc.value) == f"{name}: {reason}"
 
 
 @pytest.mark.parametrize(
@@ -95,29 +119,53 @@ def test_boundary_values_are_accepted(name, value, expected):
     assert got == expected and type(got) is type(expected)
 
 
-def test_params_are_frozen_and_refuse_unknown_fields():
-    p = RenderParams(**GOOD)
-    with pytest.raises(ValidationError):
+def test_params_are_immutable_and_refuse_unknown_names():
+    p = WAN21.params(**GOOD)
+    with pytest.raises(AttributeError):
         p.steps = 8
-    with pytest.raises(ValidationError) as exc:
-        RenderParams(**GOOD, cfg=3.0)
-    assert exc.value.errors()[0]["loc"] == ("cfg",)
-    with pytest.raises(ValidationError):
-        RenderParams(**{k: v for k, v in GOOD.items() if k != "fps"})
+    with pytest.raises(ValueError, match="no parameter 'cfg'"):
+        WAN21.params(**GOOD, cfg=3.0)
+    with pytest.raises(AttributeError, match="no render parameter 'cfg'"):
+        p.cfg
 
 
-def test_override_validates_unlike_model_copy():
-    p = RenderParams(**GOOD)
-    q = p.override(steps=8, guidance=6)
+def test_params_from_a_base_are_validated():
+    p = WAN21.params(**GOOD)
+    q = WAN21.params(p, steps=8, guidance=6)
     assert (q.steps, q.guidance, q.width) == (8, 6.0, 64)
-    with pytest.raises(ValidationError):
-        p.override(frames=8)
-    assert math.isclose(p.override().guidance, 5.0, rel_tol=0, abs_tol=0)
+    with pytest.raises(ValueError, match="frames: must be 4k\\+1"):
+        WAN21.params(p, frames=8)
+    assert math.isclose(WAN21.params(p).guidance, 5.0, rel_tol=0, abs_tol=0)
+
+
+def test_params_survive_pickling_for_ray():
+    import pickle
+
+    p = FAMILIES["wan2.2-t2v-a14b"].spec.defaults()
+    q = pickle.loads(pickle.dumps(p))
+    assert q == p and q.boundary == 0.875 and list(q) == list(p)
+
+
+def test_a_model_file_may_carry_its_own_defaults_but_not_foreign_ones():
+    spec = WAN21.with_defaults({"width": 64, "steps": 4})
+    assert (spec.defaults().width, spec.defaults().steps, spec.defaults().height) == (64, 4, 480)
+    with pytest.raises(ValueError, match="default width: must be a multiple of 16"):
+        WAN21.with_defaults({"width": 65})
+    with pytest.raises(ValueError, match="does not have: \\['boundary'\\]"):
+        WAN21.with_defaults({"boundary": 0.9})
+
+
+def test_a_spec_refuses_a_bad_default_and_duplicate_names():
+    with pytest.raises(ValueError, match="must be an integer in 1..1000"):
+        ParamSpec("steps", "int", 0, low=1, high=1000)
+    spec = ParamSpec("steps", "int", 4, low=1, high=1000)
+    with pytest.raises(ValueError, match="duplicate"):
+        FamilySpec("x", "X", (spec, spec))
 
 
 def test_jobs_package_imports_neither_torch_nor_ray():
     code = (
-        "import sys, jobs, jobs.params, jobs.identity, jobs.manifest, jobs.dataset\n"
+        "import sys, jobs, jobs.params, jobs.family, jobs.identity, jobs.manifest, jobs.dataset, jobs.inputs\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ray'))\n"
         "print(','.join(bad))\n"
     )

@@ -1,0 +1,110 @@
+"""`RenderJob`: one video to render, its identity, and where it came from."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf, field_validator, model_validator
+
+from jobs.identity import SEED_MAX, job_digest
+from jobs.params import RenderParams, describe
+
+
+def check_plain(value: Any, where: str) -> None:
+    """ValueError unless `value` is JSON-able plain data (None, str, bool, int, float, lists, str-keyed dicts)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return
+    if isinstance(value, list):
+        for item in value:
+            check_plain(item, where)
+        return
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        for item in value.values():
+            check_plain(item, where)
+        return
+    raise ValueError(f"passthrough {where!r}: {describe(value)} is not a JSON-able plain value")
+
+
+class InputRef(BaseModel):
+    """A conditioning input file: where the actor reads it, and the content digest the job id holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str  # an absolute local path or a pyarrow filesystem URI
+    sha256: str
+
+
+class RenderJob(BaseModel):
+    """One video to render: content, identity, and where it came from.
+
+    Build one with `RenderJob.create` (which computes `job_id`); constructing
+    it directly checks that `job_id` matches the content.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job_id: str
+    family: str
+    model_digest: str
+    prompt: str
+    negative_prompt: str
+    seed: int = Field(strict=True, ge=0, le=SEED_MAX)
+    params: InstanceOf[RenderParams]
+    inputs: dict[str, InputRef] = Field(default_factory=dict)
+    row: int = Field(default=0, strict=True, ge=0)  # manifest row (global, 0-based)
+    passthrough: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("passthrough")
+    @classmethod
+    def _passthrough_plain(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, item in value.items():
+            check_plain(item, key)
+        return value
+
+    @model_validator(mode="after")
+    def _id_matches_content(self) -> "RenderJob":
+        expected = job_digest(self.model_digest, self.prompt, self.negative_prompt, self.seed, self.params,
+                              self.family, self.input_digests()).hex()
+        if self.job_id != expected:
+            raise ValueError(f"job_id {self.job_id!r:.80} does not match the job's content ({expected})")
+        return self
+
+    def input_digests(self) -> dict[str, str]:
+        return {name: ref.sha256 for name, ref in self.inputs.items()}
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        family: str,
+        model_digest: str,
+        prompt: str,
+        seed: int,
+        params: RenderParams,
+        negative_prompt: str,
+        inputs: dict[str, InputRef] | None = None,
+        row: int = 0,
+        passthrough: dict[str, Any] | None = None,
+    ) -> "RenderJob":
+        """A job with its id computed."""
+        inputs = inputs or {}
+        digest = job_digest(model_digest, prompt, negative_prompt, seed, params, family,
+                            {name: ref.sha256 for name, ref in inputs.items()})
+        return cls(
+            job_id=digest.hex(),
+            family=family,
+            model_digest=model_digest,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            params=params,
+            inputs=inputs,
+            row=row,
+            passthrough=passthrough or {},
+        )

@@ -1,0 +1,262 @@
+"""Manifest rows: the Python values of one row in, a valid `RowSpec` or the row's `RowError`s out.
+
+Which columns a row may have comes from the family (`jobs.family.FamilySpec`):
+its render parameters override the family's defaults per row, its inputs name
+files (relative paths are taken from the manifest file's folder), and the
+parameters and inputs of other families are errors when given.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.columns import Converter, UnreadableCell
+from jobs.family import FamilySpec
+from jobs.identity import SEED_MAX
+from jobs.params import RenderParams, as_integer, describe
+from jobs.seeds import MAX_SEED_COUNT, check_seed
+from jobs.sources import SourceFile
+
+SEED_COLUMNS = ("seed", "seeds", "seed_start", "seed_count")
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A bad field of a manifest row."""
+
+    row: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row}: {self.field}: {self.reason}"
+
+
+@dataclass(slots=True)
+class RowSpec:
+    """A valid row, before seed expansion."""
+
+    row: int
+    prompt: str
+    negative_prompt: str
+    params: RenderParams
+    seeds: Sequence[int]
+    inputs: dict[str, str]  # input name -> absolute path or URI (hashed later, per batch)
+    passthrough: dict[str, Any]
+
+
+_MISS = object()
+_MEMO_MAX = 65536
+
+
+def _checked(memo: dict, check: Callable[[Any], Any], value: Any) -> tuple[bool, Any]:
+    """(True, normalised value) or (False, reason), remembered per distinct (type, value).
+
+    A column of a million rows usually holds a few distinct values; the type is
+    part of the key because True == 1 and 50.0 == 50 in Python.
+    """
+    key = (value.__class__, value)
+    try:
+        hit = memo.get(key, _MISS)
+    except TypeError:  # unhashable (a list or struct cell): nothing to remember
+        key, hit = None, _MISS
+    if hit is _MISS:
+        try:
+            hit = (True, check(value))
+        except ValueError as exc:
+            hit = (False, str(exc))
+        if key is not None:
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            memo[key] = hit
+    return hit
+
+
+def _prompt_reason(prompt: Any) -> str:
+    if prompt is None:
+        return "is missing (null)"
+    if not isinstance(prompt, str):
+        return f"must be a string, got {describe(prompt)}"
+    return "must not be empty"
+
+
+class RowParser:
+    """Turns the Python values of manifest rows into `RowSpec`s or their `RowError`s, for one family.
+
+    `foreign` names the parameters and inputs of the other families: a row
+    giving one of them (a non-null cell) is an error, never silently ignored.
+    """
+
+    def __init__(self, family: FamilySpec, seeds: Sequence[int] | None, foreign: frozenset[str] = frozenset()):
+        if not isinstance(family, FamilySpec):
+            raise TypeError(f"family must be a FamilySpec, got {type(family).__name__}")
+        self.family = family
+        self.defaults = family.defaults()
+        if seeds is None:
+            self.default_seeds: Sequence[int] = (0,)
+        else:
+            self.default_seeds = tuple(check_seed(s) for s in seeds)
+            if not self.default_seeds:
+                raise ValueError("seeds must not be empty (None means seed 0)")
+        self.foreign = frozenset(foreign) - set(family.param_names) - set(family.input_names)
+        self.known = frozenset(("prompt", "negative_prompt", *SEED_COLUMNS, *family.param_names,
+                                *family.input_names, *self.foreign))
+        self._checks = {name: functools.partial(family.check_param, name) for name in family.param_names}
+        self._memos: dict[str, dict] = {name: {} for name in family.param_names}
+        # Most manifests use a handful of parameter combinations: build each RenderParams once.
+        self._params: dict[tuple, RenderParams] = {(): self.defaults}
+
+    def _params_for(self, overrides: tuple[tuple[str, Any], ...]) -> RenderParams:
+        params = self._params.get(overrides)
+        if params is None:
+            if len(self._params) >= 4096:
+                self._params = {(): self.defaults}
+            params = self._params[overrides] = RenderParams({**self.defaults, **dict(overrides)})
+        return params
+
+    def parse_batch(
+        self,
+        first: int,
+        n: int,
+        cols: dict[str, list],
+        extra: list[tuple[str, Converter, list]],
+        file: SourceFile,
+    ) -> list[RowSpec | list[RowError]]:
+        """Rows first..first+n-1 (of manifest `file`) from their column values; one entry per row, in order."""
+        family = self.family
+        default_negative = family.negative_prompt
+        prompts = cols["prompt"]
+        negatives = cols.get("negative_prompt")
+        param_cols = [(name, cols[name], self._memos[name]) for name in family.param_names if name in cols]
+        input_cols = [(spec, cols.get(spec.name)) for spec in family.inputs]
+        foreign_cols = [(name, cols[name]) for name in sorted(self.foreign) if name in cols]
+        seed_cols = [cols.get(name) for name in SEED_COLUMNS]
+        any_seed_col = any(c is not None for c in seed_cols)
+        out: list[RowSpec | list[RowError]] = []
+        for j in range(n):
+            row = first + j
+            errors: list[RowError] = []
+
+            prompt = prompts[j]
+            if prompt.__class__ is not str or not prompt.strip():
+                errors.append(RowError(row, "prompt", _prompt_reason(prompt)))
+
+            negative = default_negative if negatives is None else negatives[j]
+            if negative is None:
+                negative = default_negative
+            elif not isinstance(negative, str):
+                errors.append(RowError(row, "negative_prompt", f"must be a string, got {describe(negative)}"))
+            elif not negative.strip():
+                negative = default_negative
+
+            overrides = []
+            for name, values, memo in param_cols:
+                value = values[j]
+                if value is None:
+                    continue
+                ok, result = _checked(memo, self._checks[name], value)
+                if ok:
+                    overrides.append((name, result))
+                else:
+                    errors.append(RowError(row, name, result))
+
+            inputs = {}
+            for spec, values in input_cols:
+                ref = None if values is None else values[j]
+                if ref is None:
+                    if spec.required:
+                        errors.append(RowError(row, spec.name, f"is missing: the {family.title} family needs an {spec.kind}"))
+                elif not isinstance(ref, str) or not ref.strip():
+                    errors.append(RowError(row, spec.name, f"must be a file path or URI, got {describe(ref)}"))
+                else:
+                    inputs[spec.name] = file.resolve(ref.strip())
+
+            for name, values in foreign_cols:
+                if values[j] is not None:
+                    errors.append(RowError(row, name, f"the {family.title} family has no {name!r} "
+                                                      f"(its parameters: {', '.join(family.param_names)}; "
+                                                      f"its inputs: {', '.join(family.input_names) or 'none'})"))
+
+            if any_seed_col:
+                seeds = self._seeds(row, [None if c is None else c[j] for c in seed_cols], errors)
+            else:
+                seeds = self.default_seeds
+
+            passthrough = {}
+            for name, conv, values in extra:
+                value = values[j]
+                if isinstance(value, UnreadableCell):
+                    errors.append(RowError(row, name, f"cannot be read: {value.reason}"))
+                else:
+                    passthrough[name] = conv(value)
+
+            if errors:
+                out.append(errors)
+            else:
+                out.append(RowSpec(row, prompt, negative, self._params_for(tuple(overrides)), seeds, inputs, passthrough))
+        return out
+
+    def _seeds(self, row: int, cells: list[Any], errors: list[RowError]) -> Sequence[int]:
+        """The seeds of a row from its (seed, seeds, seed_start, seed_count) cells; () after an error."""
+        seed, seeds, start, count = cells
+        if seed.__class__ is int and seeds is None and start is None and count is None and 0 <= seed <= SEED_MAX:
+            return (seed,)  # the common case, checked without a call
+
+        def bad(field: str, reason: str) -> tuple[()]:
+            errors.append(RowError(row, field, reason))
+            return ()
+
+        given = [
+            label
+            for label, present in (
+                ("seed", seed is not None),
+                ("seeds", seeds is not None),
+                ("seed_start+seed_count", start is not None or count is not None),
+            )
+            if present
+        ]
+        if len(given) > 1:
+            return bad("seed", f"give one of seed, seeds, seed_start+seed_count; this row gives {' and '.join(given)}")
+        if not given:
+            return self.default_seeds
+        if seed is not None:
+            try:
+                return (check_seed(seed),)
+            except ValueError as exc:
+                return bad("seed", str(exc))
+        if seeds is not None:
+            if not isinstance(seeds, list):
+                return bad("seeds", f"must be a list of integers, got {describe(seeds)}")
+            if not seeds:
+                return bad("seeds", "must not be empty")
+            if len(seeds) > MAX_SEED_COUNT:
+                return bad("seeds", f"must hold at most {MAX_SEED_COUNT} seeds, got {len(seeds)}")
+            checked = []
+            for k, value in enumerate(seeds):
+                try:
+                    checked.append(check_seed(value))
+                except ValueError as exc:
+                    return bad("seeds", f"element {k}: {exc}")
+            return checked
+        if start is None:
+            return bad("seed_start", "is missing: seed_count needs seed_start")
+        if count is None:
+            return bad("seed_count", "is missing: seed_start needs seed_count")
+        try:
+            start = check_seed(start)
+        except ValueError as exc:
+            bad("seed_start", str(exc))
+            start = None
+        try:
+            count = as_integer(count)
+            if not 1 <= count <= MAX_SEED_COUNT:
+                raise ValueError(f"must be an integer in 1..{MAX_SEED_COUNT}, got {describe(count)}")
+        except ValueError as exc:
+            return bad("seed_count", str(exc))
+        if start is None:
+            return ()
+        if start + count - 1 > SEED_MAX:
+            return bad("seed_count", f"the sweep {start}+{count} runs past 2**63-1")
+        return range(start, start + count)

@@ -1,0 +1,146 @@
+"""Model sets and families: recognition from file headers, the refusals, and what the driver reads.
+
+Every family's tiny model set is written in its real layout (`make_tiny_model`),
+then recognised from a directory (subfolders included) or from named files.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from engine.families import FAMILIES, foreign_names, get_family
+from engine.model_set import ModelSet, ModelSetError
+from engine.tiny import make_tiny_model
+from pipeline.driver import read_jobs
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    return {family: make_tiny_model(root / family, family=family) for family in FAMILIES}
+
+
+def copy_set(paths: dict, roles, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for role in roles:
+        shutil.copy(paths[role], directory / paths[role].name)
+    return directory
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_tiny_set_is_recognised_as_its_family(sets, family):
+    directory = sets[family]["text_encoder"].parent
+    models = ModelSet.from_dir(directory)
+    assert models.family == family
+    assert {role: path.name for role, path in models.files.items()} == \
+        {role: path.name for role, path in sets[family].items()}
+    assert models.spec.name == family and models.spec.defaults().width == 64  # the file's own defaults
+    models.check_fit()
+    # the same files named one by one give the same set and digest
+    named = ModelSet.from_files({role: str(path) for role, path in sets[family].items()})
+    assert named.family == family and named.digest() == models.digest()
+
+
+def test_the_experts_are_told_apart_by_name_and_the_roles_enter_the_digest(sets, tmp_path):
+    paths = sets["wan2.2-t2v-a14b"]
+    models = ModelSet.from_dir(paths["text_encoder"].parent)
+    assert "HighNoise" in models.files["dit_high"].name and "LowNoise" in models.files["dit_low"].name
+    swapped = ModelSet.from_files({"dit_high": paths["dit_low"], "dit_low": paths["dit_high"],
+                                   "text_encoder": paths["text_encoder"], "vae": paths["vae"]})
+    assert swapped.family == "wan2.2-t2v-a14b" and swapped.digest() != models.digest()
+
+
+@pytest.mark.parametrize("name", ["x-high_noise.gguf", "HIGH-NOISE.gguf", "model_highnoise_q4.gguf", "High Noise.gguf"])
+def test_expert_names_in_any_case_and_separator(sets, tmp_path, name):
+    paths = sets["wan2.2-t2v-a14b"]
+    directory = copy_set(paths, ("text_encoder", "vae", "dit_low"), tmp_path / "d")
+    shutil.copy(paths["dit_high"], directory / name)
+    models = ModelSet.from_dir(directory)
+    assert models.files["dit_high"].name == name
+
+
+@pytest.mark.parametrize("expert, missing", [("dit_high", "low-noise"), ("dit_low", "high-noise")])
+def test_a_lone_expert_is_refused_naming_its_missing_partner(sets, tmp_path, expert, missing):
+    paths = sets["wan2.2-t2v-a14b"]
+    directory = copy_set(paths, ("text_encoder", "vae", expert), tmp_path / "lone")
+    with pytest.raises(ModelSetError) as exc:
+        ModelSet.from_dir(directory)
+    message = str(exc.value)
+    assert f"the {missing} expert, is missing" in message and paths[expert].name in message
+    assert "\n" not in message
+    with pytest.raises(ModelSetError, match=f"the {missing} expert, is missing"):
+        ModelSet.from_files({expert: paths[expert], "text_encoder": paths["text_encoder"], "vae": paths["vae"]})
+
+
+def test_two_unnamed_dits_of_one_shape_ask_for_names(sets, tmp_path):
+    paths = sets["wan2.2-t2v-a14b"]
+    directory = copy_set(paths, ("text_encoder", "vae"), tmp_path / "d")
+    shutil.copy(paths["dit_high"], directory / "a.gguf")
+    shutil.copy(paths["dit_low"], directory / "b.gguf")
+    with pytest.raises(ModelSetError, match="name the Wan2.2 A14B pair with --dit-high and --dit-low"):
+        ModelSet.from_dir(directory)
+
+
+def test_a_pair_of_different_shapes_is_refused(sets, tmp_path):
+    t2v, i2v = sets["wan2.2-t2v-a14b"], sets["wan2.2-i2v-a14b"]
+    with pytest.raises(ModelSetError, match="the two experts differ in shape"):
+        ModelSet.from_files({"dit_high": t2v["dit_high"], "dit_low": i2v["dit_low"],
+                             "text_encoder": t2v["text_encoder"], "vae": t2v["vae"]})
+
+
+def test_a_dit_with_the_wrong_vae_is_refused(sets):
+    ti2v, t2v = sets["wan2.2-ti2v-5b"], sets["wan2.1-t2v"]
+    with pytest.raises(ModelSetError, match="needs a VAE with 48-channel latents; none found"):
+        ModelSet.from_files({"dit": ti2v["dit"], "text_encoder": ti2v["text_encoder"], "vae": t2v["vae"]})
+
+
+def test_family_restricts_recognition(sets):
+    paths = sets["wan2.1-t2v"]
+    files = {role: paths[role] for role in ("dit", "text_encoder", "vae")}
+    assert ModelSet.from_files(files, family="wan2.1-t2v").family == "wan2.1-t2v"
+    with pytest.raises(ModelSetError, match="checked the wan2.2-ti2v-5b family"):
+        ModelSet.from_files(files, family="wan2.2-ti2v-5b")
+    with pytest.raises(ModelSetError, match="unknown family 'wan9'"):
+        ModelSet.from_files(files, family="wan9")
+
+
+def test_foreign_names_are_the_other_families_parameters_and_inputs():
+    assert foreign_names(get_family("wan2.1-t2v")) == {"guidance_2", "boundary", "image"}
+    assert foreign_names(get_family("wan2.2-t2v-a14b")) == {"image"}
+    assert foreign_names(get_family("wan2.2-ti2v-5b")) == {"guidance_2", "boundary"}
+    assert foreign_names(get_family("wan2.2-i2v-a14b")) == set()
+
+
+def test_the_driver_reads_image_jobs_and_checks_each_image_once(sets, tmp_path):
+    paths = sets["wan2.2-i2v-a14b"]
+    Image.fromarray(np.full((48, 64, 3), 120, np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "text.png").write_text("not an image")
+    pq.write_table(pa.table({
+        "prompt": ["a", "b", "c", "d"],
+        "image": ["good.png", "text.png", "gone.png", "good.png"],
+        "boundary": pa.array([None, None, None, 0.95]),
+    }), tmp_path / "m.parquet")
+    files = {role: str(path) for role, path in paths.items()}
+    jobs, errors, n_rows, models, digest = read_jobs(str(tmp_path / "m.parquet"), files, None, [0])
+    assert n_rows == 4 and models.family == "wan2.2-i2v-a14b"
+    assert [(j.row, j.params.boundary) for j in jobs] == [(0, 0.9), (3, 0.95)]
+    sha = hashlib.sha256((tmp_path / "good.png").read_bytes()).hexdigest()
+    assert {j.inputs["image"].sha256 for j in jobs} == {sha}
+    assert [(e.row, e.field) for e in errors] == [(1, "image"), (2, "image")]
+    assert "text.png: not a PNG, JPEG or WebP image" in errors[0].reason
+    assert "gone.png" in errors[1].reason
+
+
+def test_a_text_family_refuses_an_image_column_per_row(sets, tmp_path):
+    pq.write_table(pa.table({"prompt": ["a", "b"], "image": [None, "x.png"]}), tmp_path / "m.parquet")
+    files = {role: str(path) for role, path in sets["wan2.1-t2v"].items()}
+    jobs, errors, *_ = read_jobs(str(tmp_path / "m.parquet"), files, None, None)
+    assert [j.row for j in jobs] == [0]
+    assert [str(e).split(" (")[0] for e in errors] == ["row 1: image: the Wan2.1 T2V family has no 'image'"]
