@@ -26,6 +26,9 @@ demo: $(STAMP)
 	$(BIN)/reelray make-tiny-model demo-model
 	$(BIN)/reelray inspect demo-model/wan2.1-t2v-tiny-Q8_0.gguf
 	$(BIN)/reelray run examples/manifest.parquet --model demo-model --out demo-out --actors 2
+	# image to video: the bundled first_frame.png through a tiny Wan2.2 TI2V-5B model set
+	$(BIN)/reelray make-tiny-model demo-model-ti2v --family wan2.2-ti2v-5b
+	$(BIN)/reelray run examples/i2v_manifest.parquet --model demo-model-ti2v --out demo-out-i2v --actors 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/dequant.py
@@ -37,4 +40,4 @@ reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py
 
 clean:
-	rm -rf demo-out demo-model .pytest_cache .hypothesis
+	rm -rf demo-out demo-model demo-out-i2v demo-model-ti2v .pytest_cache .hypothesis
