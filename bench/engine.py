@@ -5,7 +5,7 @@
 
 (a) Denoising step. One step of the sampler is a DiT forward for the
     conditional and the unconditional text: our engine runs them as one batch
-    of 2 (`engine.render.denoise`), diffusers' WanPipeline as two batch-1
+    of 2 (the Wan2.1 T2V loop, `engine/families/wan21_t2v.py`), diffusers' WanPipeline as two batch-1
     forwards. Both models hold the same random float32 weights of Wan2.1-1.3B
     width (dim 1536, 12 heads, ffn 8960, text_dim 4096) with `--layers` blocks,
     diffusers' through its own original-to-diffusers converter; the latent
@@ -45,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.tiny import random_state_dict  # noqa: E402
-from engine.wan.dit import WanConfig, WanModel, load_dit, write_dit_gguf  # noqa: E402
+from engine.wan.convert.dit import write_dit_gguf  # noqa: E402
+from engine.wan.dit import WanConfig, WanModel, load_dit  # noqa: E402
 
 WAN_1_3B_WIDTH = dict(dim=1536, ffn_dim=8960, num_heads=12, in_dim=16, out_dim=16, text_dim=4096)
 TEXT_TOKENS = 23  # real prompt tokens; the rest of the 512 are zeros, as Engine.embed returns

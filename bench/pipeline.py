@@ -42,7 +42,7 @@ def main() -> None:
     prompts = [f"benchmark prompt number {i}: a slow pan over a quiet landscape" for i in range(args.prompts)]
     manifest = work / "manifest.parquet"
     pq.write_table(pa.table({"prompt": prompts, "seed_start": [0] * args.prompts, "seed_count": [args.seeds] * args.prompts}), manifest)
-    jobs, _, _ = load_jobs(str(manifest), model_digest=models.digest(), defaults=models.render_defaults())
+    jobs, _, _ = load_jobs(str(manifest), model_digest=models.digest(), family=models.spec)
     n = len(jobs)
     print(f"{n} jobs ({args.prompts} prompts x {args.seeds} seeds), tiny model, {os.cpu_count()} CPUs")
 
@@ -60,7 +60,8 @@ def main() -> None:
         out = work / f"out-{actors}"
         start = time.perf_counter()
         report = run(
-            RunConfig(manifest=str(manifest), out=str(out), model_files=models.files(), actors=actors, log_every=1e9),
+            RunConfig(manifest=str(manifest), out=str(out), model_files=models.paths(), family=models.family,
+                      actors=actors, log_every=1e9),
             stream=io.StringIO(),
         )
         wall = time.perf_counter() - start

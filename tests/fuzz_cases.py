@@ -545,9 +545,9 @@ def dit_base() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 def write_dit(path: Path, state: dict[str, np.ndarray], metadata: dict[str, Any],
               types: dict[str, Q] | None = None) -> None:
-    """The community layout (engine.wan.dit.community_qtype), with `types` overriding a tensor's type."""
+    """The community layout (engine.wan.convert.dit.community_qtype), with `types` overriding a tensor's type."""
     from engine.gguf import write_gguf
-    from engine.wan.dit import community_qtype
+    from engine.wan.convert.dit import community_qtype
 
     tensors = {}
     for name, array in state.items():
@@ -745,7 +745,8 @@ def state_dict_mutations(state: dict[str, Any], chosen: list[str], block_pattern
 
 def vae_state_dict() -> dict[str, Any]:
     """A tiny original-layout Wan2.1 VAE (encoder included, as real files hold): base_dim 4, 1 res block."""
-    from engine.wan.vae import WanVAEConfig, tiny_vae_state_dict
+    from engine.wan.convert.vae import tiny_vae_state_dict
+    from engine.wan.vae import WanVAEConfig
 
     return tiny_vae_state_dict(SEED, WanVAEConfig(base_dim=4, dim_mult=(1, 1, 1, 1), num_res_blocks=1))
 
@@ -826,7 +827,7 @@ _KEY = TOKENIZER_KEY
 
 def tokenizer_base_metadata() -> dict[str, Any]:
     """The tiny umT5 tokenizer's `tokenizer.ggml.*` metadata, as the embedded model's text-encoder GGUF holds it."""
-    from engine.wan.tokenizer import gguf_tokenizer_metadata, train_tiny_tokenizer
+    from engine.wan.convert.t5 import gguf_tokenizer_metadata, train_tiny_tokenizer
 
     return gguf_tokenizer_metadata(train_tiny_tokenizer())
 

@@ -1,8 +1,10 @@
-"""What the engine, pipeline and fault tests share: manifests in tmp_path, run configs, reading the output, variant models."""
+"""What the engine, CLI, pipeline and fault tests share: manifests in tmp_path, run configs, reading the output,
+variant models, conditioning images."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,8 +20,10 @@ def write_manifest(path: Path, rows: dict) -> Path:
 
 
 def run_config(tiny_model, manifest, out, **overrides) -> RunConfig:
+    models = ModelSet.from_dir(tiny_model)
     return RunConfig(
-        manifest=str(manifest), out=str(out), model_files=ModelSet.from_dir(tiny_model).files(), log_every=1e9, **overrides
+        manifest=str(manifest), out=str(out), model_files=models.paths(), family=models.family, log_every=1e9,
+        **overrides,
     )
 
 
@@ -30,7 +34,8 @@ def metadata(out: Path) -> pd.DataFrame:
 def write_tiny_dit(path: Path, **changes) -> Path:
     """A tiny DiT GGUF like the embedded one but with `changes` to its WanConfig."""
     from engine.tiny import SEED, TINY_DIT, random_state_dict
-    from engine.wan.dit import WanConfig, WanModel, write_dit_gguf
+    from engine.wan.convert.dit import write_dit_gguf
+    from engine.wan.dit import WanConfig, WanModel
 
     config = WanConfig(**({"text_dim": 64, **TINY_DIT} | changes))
     with torch.device("meta"):
@@ -39,3 +44,14 @@ def write_tiny_dit(path: Path, **changes) -> Path:
     write_dit_gguf(state, path, quant="Q8_0", metadata={"wan.attention.head_count": config.num_heads})
     return path
 
+
+
+def write_png(path: Path, flip: bool = False) -> Path:
+    """An 80x48 RGB gradient (not square, so a resize rule that ignored the aspect ratio would show);
+    `flip` mirrors it left to right: another image of the same size."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:48, 0:80]
+    pixels = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
+    Image.fromarray(np.ascontiguousarray(pixels[:, ::-1]) if flip else pixels).save(path)
+    return path

@@ -1,4 +1,4 @@
-"""The `reelray` command: inspect, make-tiny-model, render.
+"""The `reelray` command: inspect, make-tiny-model, render (every family's tiny model).
 
 Run in this process through `pipeline.cli.main([...])` (captured stdout and
 stderr), and in a subprocess where the process boundary is the point: the
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -19,11 +20,13 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from engine.model_set import ModelSet
+from engine.families import FAMILIES as REELRAY_FAMILIES
+from engine.model_set import ModelSet, ModelSetError
 from engine.render import Engine
-from engine.tiny import TINY_DIT, TINY_T5, file_names
+from engine.tiny import FAMILIES, TINY_DEFAULTS, TINY_DIT, TINY_T5, file_names, make_tiny_model
 from engine.video import probe_mp4, read_mp4
 from pipeline.cli import main
+from run_helpers import write_png
 
 REPO = Path(__file__).resolve().parents[1]
 SHA256 = re.compile(r"frames_sha256 ([0-9a-f]{64})$")
@@ -53,6 +56,14 @@ def umt5_file(model_dir: Path) -> Path:
 # --- inspect ----------------------------------------------------------------------------
 
 
+def inspect_fields(lines: list[str]) -> dict[str, str]:
+    """`  name          value` lines (names padded to 14 columns) as {name: value}."""
+    assert all(line.startswith("  ") and len(line) > 16 and line[15] == " " for line in lines), lines
+    fields = {line[2:16].strip(): line[16:] for line in lines}
+    assert len(fields) == len(lines)  # no name twice
+    return fields
+
+
 def test_inspect_describes_the_tiny_dit(tiny_model, capsys):
     path = dit_file(tiny_model)
     types, n_params = gguf_py_view(path)
@@ -63,18 +74,18 @@ def test_inspect_describes_the_tiny_dit(tiny_model, capsys):
     assert status == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == str(path)
-    fields = {line.split(maxsplit=1)[0]: line.split(maxsplit=1)[1].strip() for line in lines[1:4]}
-    assert fields == {
-        "kind": "wan_dit",
-        "architecture": "wan",
-        "tensors": f"{sum(types.values())}  (F32: {types['F32']}, Q8_0: 20)",
-    }
-    assert f"  parameters    {n_params:,}" in lines
-    assert f"(file {path.stat().st_size:,})" in out
-    assert lines[-1] == (
-        f"  wan config    custom: dim {TINY_DIT['dim']}, layers {TINY_DIT['num_layers']}, "
+    fields = inspect_fields(lines[1:])
+    assert fields["kind"] == "wan_dit" and fields["architecture"] == "wan"
+    assert fields["family"] == "Wan2.1 T2V"
+    assert fields["tensors"] == f"{sum(types.values())}  (F32: {types['F32']}, Q8_0: 20)"
+    assert fields["parameters"] == f"{n_params:,}"
+    assert fields["tensor bytes"].endswith(f"(file {path.stat().st_size:,})")
+    assert fields["wan config"] == (
+        f"custom: dim {TINY_DIT['dim']}, layers {TINY_DIT['num_layers']}, "
         f"heads {TINY_DIT['num_heads']}, ffn {TINY_DIT['ffn_dim']}, in/out channels 16/16, text dim {TINY_T5['dim']}"
     )
+    # The defaults a render with this file uses: the tiny model's own, from its metadata.
+    assert fields["defaults"] == ", ".join(f"{k} {v}" for k, v in TINY_DEFAULTS.items())
 
 
 def test_inspect_json_describes_the_tiny_dit(tiny_model, capsys):
@@ -92,6 +103,8 @@ def test_inspect_json_describes_the_tiny_dit(tiny_model, capsys):
         "num_heads": TINY_DIT["num_heads"], "ffn_dim": TINY_DIT["ffn_dim"], "in_dim": 16, "out_dim": 16,
         "text_dim": TINY_T5["dim"],
     }
+    assert info["family"] == "Wan2.1 T2V" and info["family_name"] == "wan2.1-t2v"
+    assert info["defaults"] == TINY_DEFAULTS
 
 
 def test_inspect_describes_the_tiny_umt5_encoder(tiny_model, capsys):
@@ -114,7 +127,7 @@ def test_inspect_describes_the_tiny_umt5_encoder(tiny_model, capsys):
 
 
 def bad_files(tiny_model: Path, tmp_path: Path) -> dict[str, Path]:
-    """One file per way a user can point `inspect` at something that is not a whole GGUF."""
+    """One file per way a user can point `inspect` at something that is not a whole model file."""
     good = dit_file(tiny_model).read_bytes()
     files = {
         "missing": tmp_path / "nope.gguf",
@@ -122,12 +135,13 @@ def bad_files(tiny_model: Path, tmp_path: Path) -> dict[str, Path]:
         "truncated_data": tmp_path / "data.gguf",
         "not_gguf": tmp_path / "notes.gguf",
         "empty": tmp_path / "empty.gguf",
-        "safetensors": tiny_model / file_names("Q8_0")["vae"],
+        "not_safetensors": tmp_path / "notes.safetensors",
     }
     files["truncated_header"].write_bytes(good[:1000])
     files["truncated_data"].write_bytes(good[:-1000])
     files["not_gguf"].write_text("just some text, no magic\n")
     files["empty"].write_bytes(b"")
+    files["not_safetensors"].write_text("just some text, no header\n")
     return files
 
 
@@ -135,15 +149,30 @@ def bad_files(tiny_model: Path, tmp_path: Path) -> dict[str, Path]:
     ("missing", "no such file"),
     ("truncated_header", "bytes follow"),
     ("truncated_data", "data lies outside the file"),
-    ("not_gguf", "not a GGUF file"),
-    ("empty", "no GGUF header"),
-    ("safetensors", "not a GGUF file"),
+    ("not_gguf", "not a GGUF"),
+    ("empty", "GGUF"),
+    ("not_safetensors", "not a safetensors file"),
 ])
 def test_inspect_refuses_a_bad_file_in_one_line(tiny_model, tmp_path, capsys, case, reason):
     path = bad_files(tiny_model, tmp_path)[case]
     status, out, err = run_cli(capsys, "inspect", str(path))
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith(f"reelray: error: {path}") and reason in err
+
+
+def test_inspect_describes_a_safetensors_vae(tiny_model, capsys):
+    # inspect reads a safetensors VAE's header: its kind and which Wan VAE it is.
+    path = tiny_model / file_names("Q8_0")["vae"]
+    status, out, err = run_cli(capsys, "inspect", str(path))
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == str(path)
+    fields = inspect_fields(lines[1:])
+    assert fields["kind"] == "vae" and fields["family"] == "Wan2.1 VAE"
+    assert fields["file bytes"] == f"{path.stat().st_size:,}"
+    status, out, _ = run_cli(capsys, "inspect", str(path), "--json")
+    info = json.loads(out)
+    assert status == 0 and info["kind"] == "vae" and info["family"] == "Wan2.1 VAE" and "config" not in info
 
 
 def test_inspect_errors_exit_2_with_one_line_and_no_traceback_in_a_process(tiny_model, tmp_path):
@@ -173,7 +202,8 @@ def test_make_tiny_model_then_render_writes_a_playable_mp4(tmp_path, capsys):
     assert status == 0
     listed = dict(line.split() for line in out.splitlines())
     assert listed == {role: str(model / name) for role, name in file_names("Q8_0").items()}
-    assert ModelSet.from_dir(model).dit == model / file_names("Q8_0")["dit"]
+    models = ModelSet.from_dir(model)
+    assert models.family == "wan2.1-t2v" and models.files["dit"] == model / file_names("Q8_0")["dit"]
 
     video = tmp_path / "renders" / "fox.mp4"  # the parent directory is created
     status, out, err = run_cli(capsys, "render", "--model", str(model), "--prompt", "a fox",
@@ -182,7 +212,7 @@ def test_make_tiny_model_then_render_writes_a_playable_mp4(tmp_path, capsys):
     frames = read_mp4(video)
     assert frames.shape == (9, 64, 64, 3)
     assert probe_mp4(video) == {"frames": 9, "width": 64, "height": 64, "fps": 16.0, "codec": "h264"}
-    assert re.fullmatch(rf"{re.escape(str(video))}: 9 frames 64x64 at 16 fps, frames_sha256 [0-9a-f]{{64}}\n", out)
+    assert re.fullmatch(rf"{re.escape(str(video))}: wan2\.1-t2v, 9 frames 64x64 at 16 fps, frames_sha256 [0-9a-f]{{64}}\n", out)
     # The progress bar goes to stderr: one line per step when stderr is not a terminal.
     steps = [tuple(map(int, m.groups())) for m in PROGRESS.finditer(err)]
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -204,11 +234,11 @@ def test_render_overrides_steps_size_frames_sampler_and_fps(tiny_model, tmp_path
 
     # The same job through the Python API: the CLI applied every override.
     engine = Engine(ModelSet.from_dir(tiny_model))
-    params = engine.defaults.override(steps=2, width=96, height=32, frames=5, sampler="euler", fps=8,
-                                      guidance=3.5, shift=8.0)
+    params = engine.spec.params(steps=2, width=96, height=32, frames=5, sampler="euler", fps=8,
+                                guidance=3.5, shift=8.0)
     expected = engine.render("a fox", 5, params).frames_sha256
     assert SHA256.search(out.strip()).group(1) == expected
-    assert expected != engine.render("a fox", 5, params.override(sampler="unipc")).frames_sha256
+    assert expected != engine.render("a fox", 5, engine.spec.params(params, sampler="unipc")).frames_sha256
 
 
 def test_render_negative_prompt_option(tiny_model, tmp_path, capsys):
@@ -254,7 +284,7 @@ def test_render_refuses_bad_parameters_before_loading_the_model(tiny_model, tmp_
 
 @pytest.mark.parametrize("args, reason", [
     (["--model", "{tmp}/nowhere"], "not a directory"),
-    ([], "give --model DIR, or all of --dit, --text-encoder and --vae"),
+    ([], "give --model DIR, or --dit (or --dit-high and --dit-low), --text-encoder and --vae"),
     (["--dit", "{tmp}/a.gguf", "--text-encoder", "{tmp}/b.gguf", "--vae", "{tmp}/c.safetensors"], "file not found"),
 ])
 def test_render_refuses_a_missing_model_in_one_line(tmp_path, capsys, args, reason):
@@ -276,3 +306,199 @@ def test_render_with_files_named_one_by_one(tiny_model, tmp_path, capsys):
                                  "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "y.mp4"))
     assert SHA256.search(out.strip()).group(1) == SHA256.search(out_dir.strip()).group(1)
     assert np.array_equal(read_mp4(tmp_path / "x.mp4"), read_mp4(tmp_path / "y.mp4"))
+
+
+def test_render_refuses_a_negative_seed_in_one_line_before_loading_the_model(tiny_model, tmp_path, capsys, monkeypatch):
+    import engine.render
+
+    def no_load(*_, **__):
+        raise AssertionError("the model was loaded before the seed was checked")
+
+    monkeypatch.setattr(engine.render.Engine, "__init__", no_load)
+    video = tmp_path / "x.mp4"
+    status, out, err = run_cli(capsys, "render", "--model", str(tiny_model), "--prompt", "a fox", "--seed", "-1",
+                               "--device", "cpu", "--out", str(video))
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("reelray: error: --seed -1: ")
+    assert "0..2**63-1" in err and "loaded before" not in err
+    assert not video.exists()
+
+
+# --- families: the tiny model of each, recognised from the files; Wan2.2 renders ---------------
+
+
+FAMILY_FPS = {"wan2.1-t2v": 16, "wan2.2-t2v-a14b": 16, "wan2.2-i2v-a14b": 16, "wan2.2-ti2v-5b": 24}
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny model set of every family, each in its own directory."""
+    root = tmp_path_factory.mktemp("families")
+    for family in FAMILIES:
+        make_tiny_model(root / family, family=family)
+    return {family: root / family for family in FAMILIES}
+
+
+def rendered(out: str, video: Path, family: str) -> tuple[int, int, int, int, str]:
+    """(frames, width, height, fps, frames_sha256) from render's one line of output."""
+    match = re.fullmatch(rf"{re.escape(str(video))}: {re.escape(family)}, (\d+) frames (\d+)x(\d+) at (\d+) fps, "
+                         r"frames_sha256 ([0-9a-f]{64})\n", out)
+    assert match, out
+    *numbers, sha = match.groups()
+    return (*map(int, numbers), sha)
+
+
+def test_families_are_the_four_reelray_renders():
+    assert set(FAMILIES) == set(REELRAY_FAMILIES) == set(FAMILY_FPS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_make_tiny_model_family_writes_files_recognised_as_that_family(tmp_path, capsys, family):
+    model = tmp_path / "model"
+    status, out, err = run_cli(capsys, "make-tiny-model", str(model), "--family", family)
+    assert status == 0, err
+    names = file_names("Q8_0", family)
+    listed = dict(line.split() for line in out.splitlines())
+    assert listed == {role: str(model / name) for role, name in names.items()}
+    assert all((model / name).is_file() for name in names.values())
+
+    models = ModelSet.from_dir(model)  # recognised from the files alone, subfolders included
+    assert models.family == family
+    assert models.files == {role: model / name for role, name in names.items()}
+    assert ModelSet.from_dir(model, family=family).files == models.files
+    if "a14b" in family:
+        # QuantStack's layout: the experts in HighNoise/ and LowNoise/, told apart by those names.
+        assert set(models.files) == {"dit_high", "dit_low", "text_encoder", "vae"}
+        assert models.files["dit_high"].parent == model / "HighNoise" and "HighNoise" in models.files["dit_high"].name
+        assert models.files["dit_low"].parent == model / "LowNoise" and "LowNoise" in models.files["dit_low"].name
+    else:
+        assert set(models.files) == {"dit", "text_encoder", "vae"}
+    # The tiny model's own defaults: small enough to render in a moment.
+    defaults = models.spec.defaults()
+    assert (defaults.width, defaults.height, defaults.frames, defaults.steps, defaults.fps) == (
+        64, 64, 9, 4, FAMILY_FPS[family])
+    # Another family is not what these files are.
+    other = next(f for f in FAMILIES if f != family)
+    with pytest.raises(ModelSetError):
+        ModelSet.from_dir(model, family=other)
+
+
+@pytest.mark.parametrize("family, image, args", [
+    ("wan2.2-t2v-a14b", False, []),
+    ("wan2.2-t2v-a14b", False, ["--guidance", "2.5", "--guidance-2", "1.5", "--boundary", "0.95"]),
+    ("wan2.2-i2v-a14b", True, []),
+    ("wan2.2-ti2v-5b", False, []),
+    ("wan2.2-ti2v-5b", True, []),
+], ids=["t2v-a14b", "t2v-a14b-expert-flags", "i2v-a14b-image", "ti2v-5b", "ti2v-5b-image"])
+def test_render_a_wan22_family_through_the_cli(family_models, tmp_path, capsys, family, image, args):
+    model = family_models[family]
+    video = tmp_path / "clip.mp4"
+    extra = ["--image", str(write_png(tmp_path / "first.png"))] if image else []
+    status, out, err = run_cli(capsys, "render", "--model", str(model), "--prompt", "a fox", "--seed", "5",
+                               "--device", "cpu", "--out", str(video), *extra, *args)
+    assert status == 0, err
+    frames, width, height, fps, sha = rendered(out, video, family)
+    assert (frames, width, height, fps) == (9, 64, 64, FAMILY_FPS[family])
+    assert read_mp4(video).shape == (9, 64, 64, 3)
+    assert probe_mp4(video)["fps"] == FAMILY_FPS[family]
+    assert [m.groups() for m in PROGRESS.finditer(err)] == [(str(i), "4") for i in range(1, 5)]
+
+    # The same job through the Python API: the CLI passed the family's parameters and the image.
+    engine = Engine(ModelSet.from_dir(model))
+    assert engine.spec.name == family
+    changes = {"guidance": 2.5, "guidance_2": 1.5, "boundary": 0.95} if args else {}
+    params = engine.spec.params(**changes)
+    inputs = {"image": str(tmp_path / "first.png")} if image else {}
+    assert engine.render("a fox", 5, params, inputs=inputs).frames_sha256 == sha
+    if args:  # the expert flags change the frames
+        assert engine.render("a fox", 5).frames_sha256 != sha
+    if image:  # the image is part of the job: another image, other frames
+        flipped = {"image": str(write_png(tmp_path / "flipped.png", flip=True))}
+        assert engine.render("a fox", 5, params, inputs=flipped).frames_sha256 != sha
+
+
+@pytest.mark.parametrize("family, image, reason", [
+    ("wan2.2-t2v-a14b", "png", "--image: the Wan2.2 T2V-A14B family takes no image (its inputs: none)"),
+    ("wan2.1-t2v", "png", "--image: the Wan2.1 T2V family takes no image (its inputs: none)"),
+    ("wan2.2-i2v-a14b", None, "the Wan2.2 I2V-A14B family needs --image"),
+    ("wan2.2-i2v-a14b", "text", "not a PNG, JPEG or WebP image"),
+    ("wan2.2-i2v-a14b", "missing", "nowhere.png"),
+], ids=["t2v-a14b-given-image", "wan21-given-image", "i2v-without-image", "i2v-not-an-image", "i2v-missing-image"])
+def test_render_refuses_an_image_the_family_cannot_take_in_one_line_before_loading(
+        family_models, tmp_path, capsys, monkeypatch, family, image, reason):
+    import engine.render
+
+    def no_load(*_, **__):
+        raise AssertionError("the model was loaded before the image was checked")
+
+    monkeypatch.setattr(engine.render.Engine, "__init__", no_load)
+    paths = {"png": write_png(tmp_path / "first.png"), "missing": tmp_path / "nowhere.png", None: None}
+    paths["text"] = tmp_path / "notes.png"
+    paths["text"].write_text("not an image\n")
+    extra = ["--image", str(paths[image])] if image else []
+    video = tmp_path / "x.mp4"
+    status, out, err = run_cli(capsys, "render", "--model", str(family_models[family]), "--prompt", "a fox",
+                               "--device", "cpu", "--out", str(video), *extra)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("reelray: error: ") and reason in err, err
+    assert not video.exists()
+
+
+def copy_experts(source: Path, target: Path, high: str | None, low: str | None) -> Path:
+    """`target` with the text encoder, the VAE and the experts of `source` under the names given (None: left out)."""
+    names = file_names("Q8_0", "wan2.2-t2v-a14b")
+    target.mkdir()
+    for role in ("text_encoder", "vae"):
+        shutil.copy(source / names[role], target / names[role])
+    for role, name in (("dit_high", high), ("dit_low", low)):
+        if name is not None:
+            shutil.copy(source / names[role], target / name)
+    return target
+
+
+def test_a_lone_expert_is_refused_naming_the_missing_low_noise_expert(family_models, tmp_path, capsys):
+    source = family_models["wan2.2-t2v-a14b"]
+    high_name = Path(file_names("Q8_0", "wan2.2-t2v-a14b")["dit_high"]).name
+    lone = copy_experts(source, tmp_path / "lone", high=high_name, low=None)
+    for args in (["--model", str(lone)],
+                 ["--dit-high", str(lone / high_name), "--text-encoder", str(lone / "umt5-tiny-encoder-Q8_0.gguf"),
+                  "--vae", str(lone / "wan_2.1_vae_tiny.safetensors")]):
+        status, out, err = run_cli(capsys, "render", *args, "--prompt", "a fox", "--device", "cpu",
+                                   "--out", str(tmp_path / "x.mp4"))
+        assert status == 2 and out == ""
+        assert err.count("\n") == 1 and err.startswith(f"reelray: error: {lone / high_name}: "), err
+        assert "the low-noise expert, is missing" in err and "LowNoise" in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_two_unnamed_identical_dits_are_refused_with_the_dit_high_dit_low_hint(family_models, tmp_path, capsys):
+    unnamed = copy_experts(family_models["wan2.2-t2v-a14b"], tmp_path / "unnamed",
+                           high="expert-a-Q8_0.gguf", low="expert-b-Q8_0.gguf")
+    status, out, err = run_cli(capsys, "render", "--model", str(unnamed), "--prompt", "a fox", "--device", "cpu",
+                               "--out", str(tmp_path / "x.mp4"))
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"reelray: error: {unnamed}: "), err
+    assert "two DiTs of one shape" in err and "--dit-high and --dit-low" in err
+    assert "expert-a-Q8_0.gguf" in err and "expert-b-Q8_0.gguf" in err
+
+
+def test_an_explicit_dit_high_dit_low_pair_renders_as_the_named_experts_do(family_models, tmp_path, capsys):
+    named = family_models["wan2.2-t2v-a14b"]
+    unnamed = copy_experts(named, tmp_path / "unnamed", high="expert-a-Q8_0.gguf", low="expert-b-Q8_0.gguf")
+    common = ["--text-encoder", str(unnamed / "umt5-tiny-encoder-Q8_0.gguf"),
+              "--vae", str(unnamed / "wan_2.1_vae_tiny.safetensors"),
+              "--prompt", "a fox", "--seed", "5", "--device", "cpu"]
+    shas = {}
+    for case, args in {
+        "named dir": ["--model", str(named), "--prompt", "a fox", "--seed", "5", "--device", "cpu"],
+        "pair": ["--dit-high", str(unnamed / "expert-a-Q8_0.gguf"), "--dit-low", str(unnamed / "expert-b-Q8_0.gguf"),
+                 *common],
+        "swapped": ["--dit-high", str(unnamed / "expert-b-Q8_0.gguf"), "--dit-low", str(unnamed / "expert-a-Q8_0.gguf"),
+                    *common],
+    }.items():
+        video = tmp_path / f"{case}.mp4"
+        status, out, err = run_cli(capsys, "render", *args, "--out", str(video))
+        assert status == 0, (case, err)
+        shas[case] = rendered(out, video, "wan2.2-t2v-a14b")[-1]
+    # The same bytes in the same roles are the same model; the roles swapped are another.
+    assert shas["pair"] == shas["named dir"] != shas["swapped"]

@@ -35,7 +35,8 @@ def job(prompt="a red fox", seed=0, row=0, **passthrough):
 
 def done_row(j, **kw):
     args = dict(
-        status="done", attempts=1, frames_sha256="f" * 64, video_sha256="e" * 64, video_bytes=12345, started_at=T0,
+        status="done", attempts=1, frames_sha256="f" * 64, video_sha256="e" * 64, video_bytes=12345,
+        video_size=(64, 48), started_at=T0,
         finished_at=T0 + timedelta(seconds=2.5), render_s=2.0, encode_s=0.25, total_s=2.5,
         node="node-1", actor="actor-0", software={"torch": "2.13.0", "reelray": "0.1.0"},
     )
@@ -50,7 +51,7 @@ def test_schema_columns_and_types():
     assert OUTPUT_SCHEMA.names == [
         "job_id", "file_name", "family", "prompt", "negative_prompt", "seed", "width", "height", "frames", "steps",
         "guidance", "shift", "fps", "sampler", "model_digest", "status", "error", "attempts", "frames_sha256",
-        "video_sha256", "video_bytes", "started_at", "finished_at", "render_s", "encode_s", "total_s", "node", "actor",
+        "video_sha256", "video_bytes", "video_width", "video_height", "started_at", "finished_at", "render_s", "encode_s", "total_s", "node", "actor",
         "software", "row",
     ]
     types = {f.name: f.type for f in OUTPUT_SCHEMA}
@@ -170,10 +171,14 @@ def test_bad_sidecars_raise_sidecar_error_naming_the_path():
 
 def test_a_sidecar_from_before_families_reads_as_wan21_t2v():
     row = done_row(job())
-    old = {k: v for k, v in json.loads(sidecar_bytes(row)).items() if k != "family"}
+    assert (row["video_width"], row["video_height"]) == (64, 48)
+    added = ("family", "video_width", "video_height")
+    old = {k: v for k, v in json.loads(sidecar_bytes(row)).items() if k not in added}
     path = sidecar_relpath(row["job_id"])
     parsed = parse_sidecar(json.dumps(old).encode(), path)
     assert parsed["family"] == "wan2.1-t2v" and parsed["job_id"] == row["job_id"]
+    assert parsed["video_width"] is None and parsed["video_height"] is None
+    assert rows_to_table([parsed]).column("video_width").to_pylist() == [None]
 
 
 def test_family_parameters_and_inputs_are_columns_after_the_fixed_ones():

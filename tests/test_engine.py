@@ -15,16 +15,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pydantic
 import pytest
 import torch
 
+import engine.families.wan21_t2v as wan21
+from engine.families.base import initial_noise
 from engine.gguf.linear import QuantizedLinear
 from engine.model_set import ModelSet, ModelSetError
-from engine.render import EmbeddingCache, Engine, RenderError, initial_noise
+from engine.render import EmbeddingCache, Engine, RenderError
 from engine.tiny import make_tiny_model
 from engine.video import frames_sha256, probe_mp4, read_mp4
-from jobs.params import DEFAULT_NEGATIVE_PROMPT, RenderParams
+from jobs.params import DEFAULT_NEGATIVE_PROMPT
 from run_helpers import write_tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_same_job_twice_in_one_engine_gives_the_same_frames(engine):
 def test_frames_do_not_depend_on_the_jobs_rendered_before(tiny_model, engine):
     # `engine` has rendered other jobs (and cached their embeddings); a fresh one has not.
     engine.render("a busy street", seed=1)
-    engine.render("a lighthouse at dusk", seed=2, params=engine.defaults.override(sampler="euler"))
+    engine.render("a lighthouse at dusk", seed=2, params=engine.spec.params(sampler="euler"))
     warm = engine.render("a quiet harbour", seed=5)
     cold = fresh_engine(tiny_model).render("a quiet harbour", seed=5)
     assert warm.frames_sha256 == cold.frames_sha256
@@ -107,19 +108,35 @@ def test_different_seed_gives_different_frames(engine):
     assert np.abs(a.frames.astype(np.int16) - b.frames.astype(np.int16)).mean() > 5
 
 
+class NoiseDrawn(Exception):
+    """Raised in place of the denoising loop once the initial noise is drawn."""
+
+
 @pytest.mark.parametrize("width, height, frames", [(64, 64, 9), (96, 48, 5), (16, 32, 1), (832, 480, 81)])
-def test_initial_noise_is_drawn_by_a_cpu_generator_seeded_with_the_job_seed(width, height, frames):
-    params = RenderParams(width=width, height=height, frames=frames, steps=4, guidance=5.0, shift=5.0,
-                          fps=16, sampler="unipc")
+def test_initial_noise_is_drawn_by_a_cpu_generator_seeded_with_the_job_seed(engine, monkeypatch, width, height, frames):
+    params = engine.spec.params(width=width, height=height, frames=frames)
     shape = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
     expected = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(1234))
-    noise = initial_noise(1234, params)
+    noise = initial_noise(1234, shape, "cpu")
     assert noise.shape == shape and noise.dtype == torch.float32 and noise.device.type == "cpu"
     assert torch.equal(noise, expected)
     # The global RNG plays no part.
     torch.manual_seed(0)
-    assert torch.equal(initial_noise(1234, params), expected)
-    assert not torch.equal(initial_noise(1235, params), expected)
+    assert torch.equal(initial_noise(1234, shape, "cpu"), expected)
+    assert not torch.equal(initial_noise(1235, shape, "cpu"), expected)
+
+    # The Wan2.1 pipeline draws its latent this way, with the job's seed and the shape of the job's
+    # size (16 channels, VAE stride 4x8x8); stopped there, so the 832x480x81 case costs no denoising.
+    drawn = []
+
+    def record(seed, latent_shape, device):
+        drawn.append((seed, tuple(latent_shape), torch.device(device).type))
+        raise NoiseDrawn
+
+    monkeypatch.setattr(wan21, "initial_noise", record)
+    with pytest.raises(NoiseDrawn):
+        engine.render("a lighthouse at dusk", seed=1234, params=params)
+    assert drawn == [(1234, shape, "cpu")]
 
 
 # --- text embeddings --------------------------------------------------------------------
@@ -130,7 +147,7 @@ def test_text_encoder_runs_once_per_distinct_prompt_across_seeds(tiny_model):
     calls = count_calls(engine.text_encoder)
     prompts = ["a red fox in snow", "a tram at night", "waves on rocks"]
     seeds = [0, 1]
-    params = engine.defaults.override(steps=1, frames=1, width=32, height=32)
+    params = engine.spec.params(steps=1, frames=1, width=32, height=32)
     for prompt in prompts:
         for seed in seeds:
             engine.render(prompt, seed, params)
@@ -202,8 +219,8 @@ def test_default_negative_prompt_is_used_when_none_is_given(tiny_model):
     engine = fresh_engine(tiny_model)
     calls = count_calls(engine.text_encoder)
     contexts: list[torch.Tensor] = []
-    engine.dit.register_forward_pre_hook(lambda module, args: contexts.append(args[2].clone()))
-    params = engine.defaults.override(steps=2)
+    engine.pipeline.dit.register_forward_pre_hook(lambda module, args: contexts.append(args[2].clone()))
+    params = engine.spec.params(steps=2)
 
     implicit = engine.render("a kite", seed=4, params=params)
     assert calls[0] == 2  # the prompt and the default negative prompt
@@ -229,26 +246,47 @@ def test_default_negative_prompt_is_used_when_none_is_given(tiny_model):
     {"height": 8192}, {"steps": 0}, {"guidance": float("nan")}, {"shift": 0.0}, {"sampler": "ddim"},
 ])
 def test_invalid_parameters_are_refused_before_any_work(engine, change):
-    # Engine.render takes a RenderParams, and an invalid one cannot be built: the job is
-    # refused where its parameters are read, before a text encoder or DiT call.
-    with pytest.raises(pydantic.ValidationError) as raised:
-        RenderParams(**{**engine.defaults.model_dump(), **change})
-    assert isinstance(raised.value, ValueError)  # the CLI reports ValueErrors in one line
-    assert next(iter(change)) in str(raised.value)
-    with pytest.raises(pydantic.ValidationError):
-        engine.defaults.override(**change)
+    # Engine.render takes a RenderParams built by the family's spec, which refuses an invalid
+    # value: the job is refused where its parameters are read, before a text encoder or DiT call.
+    (name, value), = change.items()
+    calls_before = engine.text_encoder_calls
+    with pytest.raises(ValueError) as raised:  # the CLI reports ValueErrors in one line
+        engine.spec.params(**change)
+    assert str(raised.value).startswith(f"{name}: must be ") and "\n" not in str(raised.value)
+    with pytest.raises(ValueError, match="^must be "):
+        engine.spec.check_param(name, value)
+    # A change on top of other valid parameters is checked too.
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        engine.spec.params(engine.spec.params(steps=2), **change)
+    # RenderParams built by hand, around the spec, is checked again by render itself.
+    from jobs.params import RenderParams
+
+    with pytest.raises(ValueError, match=f"^{name}: must be "):
+        engine.render("a cat", 0, RenderParams({**engine.spec.defaults(), **change}))
+    assert engine.text_encoder_calls == calls_before
+
+
+def test_parameters_of_another_family_are_refused_before_any_work(engine):
+    from engine.families import FAMILIES
+    from engine.render import RenderError
+
+    a14b = FAMILIES["wan2.2-t2v-a14b"].spec.defaults()
+    calls_before = engine.text_encoder_calls
+    with pytest.raises(RenderError, match=r"not taken \['boundary', 'guidance_2'\]"):
+        engine.render("a cat", 0, a14b)
+    assert engine.text_encoder_calls == calls_before
 
 
 def test_euler_renders_and_differs_from_unipc(engine):
     unipc = engine.render("a kite", seed=9)
-    euler = engine.render("a kite", seed=9, params=engine.defaults.override(sampler="euler"))
-    again = engine.render("a kite", seed=9, params=engine.defaults.override(sampler="euler"))
+    euler = engine.render("a kite", seed=9, params=engine.spec.params(sampler="euler"))
+    again = engine.render("a kite", seed=9, params=engine.spec.params(sampler="euler"))
     assert euler.frames.shape == unipc.frames.shape == (9, 64, 64, 3)
     assert euler.frames_sha256 == again.frames_sha256 != unipc.frames_sha256
 
 
 def test_steps_size_and_frames_shape_the_output(engine):
-    result = engine.render("a kite", seed=9, params=engine.defaults.override(width=96, height=32, frames=5, steps=2))
+    result = engine.render("a kite", seed=9, params=engine.spec.params(width=96, height=32, frames=5, steps=2))
     assert result.frames.shape == (5, 32, 96, 3)
     assert set(result.timings) == {"text_s", "denoise_s", "decode_s"}
     assert all(v >= 0 for v in result.timings.values())
@@ -256,18 +294,18 @@ def test_steps_size_and_frames_shape_the_output(engine):
 
 def test_progress_reports_every_step(engine):
     seen: list[tuple[int, int]] = []
-    engine.render("a kite", seed=9, params=engine.defaults.override(steps=3), progress=lambda d, t: seen.append((d, t)))
+    engine.render("a kite", seed=9, params=engine.spec.params(steps=3), progress=lambda d, t: seen.append((d, t)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
 
 
 def test_both_weight_policies_give_identical_frames(tiny_model, engine):
     on_the_fly = fresh_engine(tiny_model, policy="on_the_fly")
     # The policy really differs: block weights stay quantized (Q8_0 blocks) under on_the_fly.
-    quantized = [m for m in on_the_fly.dit.modules() if isinstance(m, QuantizedLinear)]
+    quantized = [m for m in on_the_fly.pipeline.dit.modules() if isinstance(m, QuantizedLinear)]
     assert quantized and all(m.qtype.name == "Q8_0" for m in quantized)
-    assert not any(isinstance(m, QuantizedLinear) for m in engine.dit.modules())
+    assert not any(isinstance(m, QuantizedLinear) for m in engine.pipeline.dit.modules())
     for sampler in ("unipc", "euler"):
-        params = engine.defaults.override(sampler=sampler)
+        params = engine.spec.params(sampler=sampler)
         assert (on_the_fly.render("a kite", 9, params).frames_sha256
                 == engine.render("a kite", 9, params).frames_sha256)
 
@@ -279,7 +317,7 @@ def test_both_weight_policies_give_identical_frames(tiny_model, engine):
 def test_overflowing_guidance_raises_render_error(engine, guidance):
     # Finite and valid as a parameter, but (v_cond - v_uncond) * 1e30 overflows float32 in the solver.
     with pytest.raises(RenderError, match=r"non-finite latents after step \d+/4"):
-        engine.render("a kite", seed=9, params=engine.defaults.override(guidance=guidance))
+        engine.render("a kite", seed=9, params=engine.spec.params(guidance=guidance))
     # The engine is still usable afterwards.
     assert engine.render("a kite", seed=9).frames_sha256 == engine.render("a kite", seed=9).frames_sha256
 
@@ -287,7 +325,7 @@ def test_overflowing_guidance_raises_render_error(engine, guidance):
 def test_nan_dit_weight_raises_render_error_at_the_first_step(tiny_model):
     engine = fresh_engine(tiny_model)
     with torch.no_grad():
-        engine.dit.head.head.bias[0] = float("nan")
+        engine.pipeline.dit.head.head.bias[0] = float("nan")
     steps = []
     with pytest.raises(RenderError, match=r"non-finite latents after step 1/4"):
         engine.render("a kite", seed=9, progress=lambda d, t: steps.append(d))
@@ -297,7 +335,7 @@ def test_nan_dit_weight_raises_render_error_at_the_first_step(tiny_model):
 def test_nan_vae_weight_raises_render_error(tiny_model):
     engine = fresh_engine(tiny_model)
     with torch.no_grad():
-        engine.vae.conv2.bias[0] = float("nan")
+        engine.pipeline.vae.conv2.bias[0] = float("nan")
     with pytest.raises(RenderError, match="non-finite values in the decoded frames"):
         engine.render("a kite", seed=9)
 
@@ -358,20 +396,32 @@ def test_unknown_tiny_quant_is_refused(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(
-    "changes, message",
-    [
-        ({"in_dim": 48, "out_dim": 48}, r"takes 48-channel latents and returns 48.*decodes 16-channel.*Wan2\.2 TI2V-5B"),
-        ({"text_dim": 32}, r"expects 32-wide text embeddings.*produces 64-wide"),
-    ],
-    ids=["ti2v-latents", "text-width"],
-)
-def test_a_model_set_whose_parts_do_not_fit_is_refused_from_headers_and_at_load(tiny_model, tmp_path, changes, message):
+def mismatched_files(tiny_model: Path, tmp_path: Path, **changes) -> tuple[Path, dict[str, Path]]:
+    """A tiny DiT with `changes` to its config, beside the tiny model's text encoder and VAE."""
     models = ModelSet.from_dir(tiny_model)
     models.check_fit()
-    assert Engine(models).text_encoder.config.dim == 64  # the tiny umT5 width the first case keeps
+    assert Engine(models).text_encoder.config.dim == 64  # the tiny umT5 width the latent case keeps
     dit = write_tiny_dit(tmp_path / "mismatched-Q8_0.gguf", **changes)
-    mismatched = ModelSet.from_files(dit=dit, text_encoder=models.text_encoder, vae=models.vae)
+    return dit, {"dit": dit, "text_encoder": models.files["text_encoder"], "vae": models.files["vae"]}
+
+
+def test_a_dit_whose_latents_the_vae_cannot_decode_is_refused_from_headers(tiny_model, tmp_path):
+    # 48-channel latents are Wan2.2 TI2V-5B's, decoded by the 48-channel Wan2.2 VAE; the tiny
+    # model's VAE is the 16-channel Wan2.1 one. Recognition refuses the set, from the headers.
+    dit, files = mismatched_files(tiny_model, tmp_path, in_dim=48, out_dim=48)
+    with pytest.raises(ModelSetError, match=r"Wan2\.2 TI2V-5B DiT needs a VAE with 48-channel latents") as refused:
+        ModelSet.from_files(files)
+    assert str(dit) in str(refused.value) and "\n" not in str(refused.value)
+    # Asked for as Wan2.1 T2V it is no Wan2.1 DiT: refused naming what was found.
+    with pytest.raises(ModelSetError, match=r"48->48 channels.*16 latent channels.*the wan2\.1-t2v family") as refused:
+        ModelSet.from_files(files, family="wan2.1-t2v")
+    assert dit.name in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_dit_whose_text_width_the_encoder_does_not_give_is_refused_from_headers_and_at_load(tiny_model, tmp_path):
+    message = r"expects 32-wide text embeddings.*produces 64-wide"
+    dit, files = mismatched_files(tiny_model, tmp_path, text_dim=32)
+    mismatched = ModelSet.from_files(files)
     with pytest.raises(ModelSetError, match=message) as refused:
         mismatched.check_fit()
     assert str(dit) in str(refused.value) and "\n" not in str(refused.value)

@@ -144,3 +144,19 @@ def test_a_text_family_refuses_an_image_column_per_row(sets, tmp_path):
     jobs, errors, *_ = read_jobs(str(tmp_path / "m.parquet"), files, None, None)
     assert [j.row for j in jobs] == [0]
     assert [str(e).split(" (")[0] for e in errors] == ["row 1: image: the Wan2.1 T2V family has no 'image'"]
+
+
+def test_image_families_size_the_video_from_the_image_unless_the_job_gives_one():
+    from engine.families import wan22_i2v_a14b, wan22_ti2v_5b
+    from engine.families.base import RenderError
+
+    i2v = get_family("wan2.2-i2v-a14b").spec
+    # official rule: the image's aspect at 1280x720's area, sides multiples of 16
+    assert wan22_i2v_a14b.output_size(i2v.defaults(), 600, 1000) == (736, 1232)
+    assert wan22_i2v_a14b.output_size(i2v.params(width=640, height=352), 600, 1000) == (352, 640)
+    with pytest.raises(RenderError, match="give both, or neither"):
+        wan22_i2v_a14b.output_size(i2v.params(width=640), 600, 1000)
+    ti2v = get_family("wan2.2-ti2v-5b").spec
+    assert wan22_ti2v_5b.output_size(ti2v.defaults(), None) == (704, 1280)  # text to video
+    assert wan22_ti2v_5b.output_size(ti2v.defaults(), (600, 1000)) == (736, 1216)  # best_output_size at 1280x704
+    assert wan22_ti2v_5b.output_size(ti2v.params(width=320, height=192), (600, 1000)) == (192, 320)

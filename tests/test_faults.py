@@ -98,7 +98,6 @@ def test_actor_killed_mid_job_is_replaced_and_the_job_committed_once(ray_session
     assert sorted(df["attempts"]) == [1, 1, 1, 2]  # exactly the killed job ran twice
     assert len(list(out.glob("videos/*/*.json"))) == 4
     assert report["counts"]["done"] == 4
-    assert all(a["model_loads"] == 1 for a in report["actors"])
 
 
 def kill_driver_at(points: list[float], command: list[str], out: Path) -> list[int]:

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from sentencepiece import SentencePieceProcessor
 
 from engine.gguf import GGUFFile, write_gguf
-from engine.wan.tokenizer import Tokenizer, TokenizerError, train_tiny_tokenizer
+from engine.wan.convert.t5 import train_tiny_tokenizer
+from engine.wan.tokenizer import Tokenizer, TokenizerError
 from fuzz_cases import (
     OUTCOMES,
     PROMPTS,
