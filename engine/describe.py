@@ -22,8 +22,8 @@ def describe_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     with open(path, "rb") as fh:
         magic = fh.read(4)
-    if magic == b"GGUF":
-        return describe_gguf(path)
+    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+        return describe_gguf(path)  # a broken .gguf gets the GGUF reader's own one-line error
     return describe_safetensors(path)
 
 

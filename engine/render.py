@@ -150,7 +150,15 @@ class Engine:
         progress: ProgressFn | None = None,
     ) -> RenderResult:
         """One job: `inputs` maps the family's input names ("image") to local paths or URIs."""
-        params = params or self.spec.defaults()
+        if params is None:
+            params = self.spec.defaults()
+        else:  # checked again here: a RenderParams built by hand bypasses its family's bounds
+            names = set(params)
+            if names != set(self.spec.param_names):
+                raise RenderError(f"the {self.spec.title} family takes parameters {list(self.spec.param_names)}; "
+                                  f"missing {sorted(set(self.spec.param_names) - names)}, "
+                                  f"not taken {sorted(names - set(self.spec.param_names))}")
+            params = self.spec.params(**params)
         negative_prompt = negative_prompt or self.spec.negative_prompt
         inputs = dict(inputs or {})
         missing = [spec.name for spec in self.spec.inputs if spec.required and spec.name not in inputs]

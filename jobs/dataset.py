@@ -72,6 +72,10 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("frames_sha256", pa.string()),
         pa.field("video_sha256", pa.string()),
         pa.field("video_bytes", pa.int64()),  # size of the MP4
+        # the rendered video's size: the job's width x height, or the size chosen from its
+        # image where the family's width and height 0 mean "from the image"
+        pa.field("video_width", pa.int32()),
+        pa.field("video_height", pa.int32()),
         pa.field("started_at", _UTC_US),
         pa.field("finished_at", _UTC_US),
         pa.field("render_s", pa.float64()),
@@ -87,7 +91,7 @@ OUTPUT_SCHEMA = pa.schema(
 OUTPUT_COLUMNS = frozenset(OUTPUT_SCHEMA.names)
 # Sidecars written before a column existed, and what that column held for them:
 # before families, every job was Wan2.1 T2V.
-ADDED_COLUMNS = {"family": LEGACY_FAMILY}
+ADDED_COLUMNS = {"family": LEGACY_FAMILY, "video_width": None, "video_height": None}
 
 
 class SidecarError(ValueError):
@@ -124,6 +128,7 @@ def make_row(
     frames_sha256: str | None = None,
     video_sha256: str | None = None,
     video_bytes: int | None = None,
+    video_size: tuple[int, int] | None = None,
     started_at: datetime | None = None,
     finished_at: datetime | None = None,
     render_s: float | None = None,
@@ -137,6 +142,7 @@ def make_row(
     """The dataset row of `job` with the outcome of its rendering.
 
     A "done" row carries both digests and no error; a "failed" row carries the error.
+    `video_size` is the rendered video's (width, height).
     `model_digest` comes from the job; passing it too only checks that the two agree.
     """
     if model_digest is not None and model_digest != job.model_digest:
@@ -176,6 +182,8 @@ def make_row(
         "frames_sha256": frames_sha256,
         "video_sha256": video_sha256,
         "video_bytes": video_bytes,
+        "video_width": None if video_size is None else int(video_size[0]),
+        "video_height": None if video_size is None else int(video_size[1]),
         "started_at": _utc(started_at, "started_at"),
         "finished_at": _utc(finished_at, "finished_at"),
         "render_s": _seconds(render_s, "render_s"),

@@ -103,6 +103,7 @@ class RenderActor:
                 frames_sha256=result.frames_sha256,
                 video_sha256=video_sha256,
                 video_bytes=video_bytes,
+                video_size=(result.frames.shape[2], result.frames.shape[1]),
                 started_at=started,
                 finished_at=datetime.now(timezone.utc),
                 render_s=t1 - t0,
