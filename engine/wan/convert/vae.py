@@ -26,17 +26,22 @@ def vae_file_shapes(config: WanVAEConfig = WanVAEConfig()) -> dict[str, tuple[in
 
 
 def tiny_vae_state_dict(seed: int, config: WanVAEConfig = TINY_VAE_CONFIG) -> dict[str, torch.Tensor]:
-    """A random original-layout VAE state dict (encoder included, as real files hold), float32.
+    """A random original-layout Wan2.1 VAE state dict (encoder included, as real files hold), float32."""
+    return random_vae_state_dict(vae_file_shapes(config), seed)
+
+
+def random_vae_state_dict(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors of these shapes (a Wan2.1 or Wan2.2 VAE's original names), float32.
 
     Drawn in file order from one seeded CPU generator, so the same seed gives
-    the same tensors. Scales keep a random decoder's activations sane: conv
-    weights ~ N(0, 1/fan_in), the residual branch's last conv and the output
-    conv damped so residual sums grow slowly and the video is not saturated;
+    the same tensors. Scales keep a random model's activations sane: conv
+    weights ~ N(0, 1/fan_in), each residual branch's last conv and the output
+    convs damped so residual sums grow slowly and the video is not saturated;
     norms gamma ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2).
     """
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in vae_file_shapes(config).items():
+    for name, shape in shapes.items():
         noise = torch.randn(shape, generator=generator)
         if name.endswith(".gamma"):
             state[name] = 1.0 + 0.1 * noise

@@ -1,12 +1,11 @@
 """Original-layout Wan2.2 VAE files: their tensor shapes, seeded random state dicts, a tiny file writer."""
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from engine.wan.convert.vae import write_vae_safetensors
+from engine.wan.convert.vae import random_vae_state_dict, write_vae_safetensors
 from engine.wan.vae22 import Wan22VAE, Wan22VAEConfig
 
 # The tiny Wan2.2 VAE of tests and `make-tiny-model`: the published layout
@@ -26,27 +25,8 @@ def vae22_file_shapes(config: Wan22VAEConfig = Wan22VAEConfig()) -> dict[str, tu
 
 
 def tiny_vae22_state_dict(seed: int, config: Wan22VAEConfig = TINY_VAE22_CONFIG) -> dict[str, torch.Tensor]:
-    """A random original-layout Wan2.2 VAE state dict, float32.
-
-    Drawn in file order from one seeded CPU generator, so the same seed gives
-    the same tensors. Scales keep a random model's activations sane: conv
-    weights ~ N(0, 1/fan_in), each residual branch's last conv and the two
-    output convs damped, so that the residual sums grow slowly and the video
-    is not saturated; norms gamma ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in vae22_file_shapes(config).items():
-        noise = torch.randn(shape, generator=generator)
-        if name.endswith(".gamma"):
-            state[name] = 1.0 + 0.1 * noise
-        elif name.endswith(".bias"):
-            state[name] = 0.02 * noise
-        else:
-            damped = ".residual.6." in name or name.startswith(("decoder.head.2.", "encoder.head.2."))
-            gain = 0.5 if damped else 1.0
-            state[name] = noise * (gain / math.sqrt(math.prod(shape[1:])))
-    return state
+    """A random original-layout Wan2.2 VAE state dict, float32 (`random_vae_state_dict`'s scales)."""
+    return random_vae_state_dict(vae22_file_shapes(config), seed)
 
 
 def write_tiny_vae22(path: str | os.PathLike[str], seed: int, config: Wan22VAEConfig = TINY_VAE22_CONFIG) -> None:
