@@ -351,3 +351,39 @@ def test_an_image_to_video_expert_pair_family_renders_its_manifest_end_to_end(ra
         assert read_mp4(out / row["file_name"]).shape == (9, size[1], size[0], 3)
     # Same prompt and seed, another image: another job with other frames.
     assert df.loc[("a fox", 0, sha[a]), "frames_sha256"] != df.loc[("a fox", 0, sha[b]), "frames_sha256"]
+
+
+@pytest.mark.parametrize("family", ["wan2.2-t2v-a14b", "wan2.2-ti2v-5b"])
+def test_the_other_wan22_families_render_their_manifests_end_to_end(ray_session, tmp_path, family):
+    """T2V-A14B with a sweep over its expert parameters; TI2V-5B with and without an image."""
+    from engine.model_set import ModelSet
+    from engine.render import Engine
+    from engine.tiny import make_tiny_model
+
+    model = tmp_path / "model"
+    make_tiny_model(model, family=family)
+    if family == "wan2.2-t2v-a14b":
+        rows = {"prompt": ["a fox"] * 3, "seed": [0, 0, 0], "boundary": [None, 0.95, None],
+                "guidance_2": [None, None, 1.5]}
+    else:
+        image = write_png(tmp_path / "first.png")
+        rows = {"prompt": ["a fox", "a fox"], "seed": [0, 0], "image": [None, "first.png"]}
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    report = run(run_config(model, manifest, out, actors=1), stream=io.StringIO())
+    n = len(rows["prompt"])
+    assert report["counts"] == report["counts"] | {"jobs": n, "done": n, "failed": 0}
+    assert report["family"] == family
+    df = metadata(out).sort_values("row")
+    assert list(df["family"]) == [family] * n and df["frames_sha256"].nunique() == n
+
+    models = ModelSet.from_dir(model)
+    engine = Engine(models)
+    for _, row in df.iterrows():
+        params = models.spec.params(**{name: row[name] for name in models.spec.param_names})
+        inputs = {"image": str(image)} if family == "wan2.2-ti2v-5b" and row["row"] == 1 else {}
+        assert engine.render(row["prompt"], int(row["seed"]), params, inputs=inputs).frames_sha256 == row["frames_sha256"]
+    if family == "wan2.2-t2v-a14b":
+        assert list(df["boundary"]) == [0.875, 0.95, 0.875] and list(df["guidance_2"]) == [3.0, 3.0, 1.5]
+    else:
+        assert df["image_sha256"].isna().tolist() == [True, False]
