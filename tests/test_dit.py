@@ -353,6 +353,21 @@ def test_uniform_per_token_timesteps_equal_the_per_sample_path(ti2v):
     assert torch.equal(model(x, t[:, None].expand(2, 48), context), model(x, t, context))
 
 
+@torch.no_grad()
+def test_per_token_modulation_stays_one_row_per_distinct_timestep(ti2v):
+    # The blocks gather a token's modulation when they use it; the table itself holds one row per
+    # distinct timestep (2 here: the image frame's 0 and t), not one per token.
+    _, _, _, path = ti2v
+    model = load_dit(path)
+    _, t, _ = inputs(channels=48)
+    per_token = ti2v_timesteps(t[:1].expand(2), (3, 4, 4))
+    e, e0, index = model.embed_time(per_token, 2, 48)
+    assert e.shape == (2, model.config.dim) and e0.shape == (2, 6, model.config.dim)
+    assert index.shape == (2, 48) and index[:, :16].unique().tolist() == [0] and index[:, 16:].unique().tolist() == [1]
+    _, e0_sample, index_sample = model.embed_time(t, 2, 48)
+    assert e0_sample.shape == (2, 6, model.config.dim) and index_sample.tolist() == [[0], [1]]
+
+
 @pytest.mark.parametrize("shape", [(), (3,), (1,), (2, 47), (2, 49), (1, 48), (2, 48, 1)])
 @torch.no_grad()
 def test_wrong_timestep_shapes_are_refused_in_one_line(ti2v, shape):

@@ -328,15 +328,27 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim] float32 residual stream (updated in place), e [B, 1 or L, 6, dim] float32."""
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, index: torch.Tensor, freqs: torch.Tensor,
+                context: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim] float32 residual stream (updated in place); e0 [U, 6, dim] float32, the
+        projected time embedding of U distinct timesteps, and index [B, 1 or L] which one each
+        sample (or token) has.
+
+        Each of the six modulation vectors is gathered per token only when it is used: with
+        per-token timesteps (TI2V-5B at 1280x704x121: 27,280 tokens) a [B, L, 6, dim] table
+        would be 4 GB for a CFG batch of 2, a gathered vector is a sixth of that and transient.
+        """
         dtype = context.dtype
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float() + e).unbind(2)
-        y = self.self_attn(torch.addcmul(shift, self.norm1(x), 1 + scale).to(dtype), freqs)
-        x.addcmul_(y, gate)
+        mod = self.modulation.float()[0] + e0  # [U, 6, dim]: shift, scale, gate, then the FFN's
+
+        def vector(k: int) -> torch.Tensor:
+            return mod[:, k][index]  # [B, 1 or L, dim]
+
+        y = self.self_attn(torch.addcmul(vector(0), self.norm1(x), 1 + vector(1)).to(dtype), freqs)
+        x.addcmul_(y, vector(2))
         x.add_(self.cross_attn(self.norm3(x).to(dtype), context))
-        y = self.ffn(torch.addcmul(c_shift, self.norm2(x), 1 + c_scale).to(dtype))
-        x.addcmul_(y, c_gate)
+        y = self.ffn(torch.addcmul(vector(3), self.norm2(x), 1 + vector(4)).to(dtype))
+        x.addcmul_(y, vector(5))
         return x
 
 
@@ -347,9 +359,11 @@ class Head(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim] float32, e [B, 1 or L, dim] float32 (the time embedding before projection)."""
-        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
+    def forward(self, x: torch.Tensor, e: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim] float32; e [U, dim] float32, the time embedding (before projection) of U
+        distinct timesteps, index [B, 1 or L] which one each sample (or token) has."""
+        mod = self.modulation.float()[0] + e.unsqueeze(1)  # [U, 2, dim]
+        shift, scale = mod[:, 0][index], mod[:, 1][index]
         return _in_own_dtype(self.head, torch.addcmul(shift, self.norm(x), 1 + scale))
 
 
@@ -401,12 +415,15 @@ class WanModel(nn.Module):
             self._rope_cache[key] = rope_table(grid, self.config.head_dim, device)
         return self._rope_cache[key]
 
-    def embed_time(self, t: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """t [B] or [B, L] -> e [B, 1 or L, dim] for the head, e0 [B, 1 or L, 6, dim] for the blocks, float32.
+    def embed_time(self, t: torch.Tensor, batch: int, tokens: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """t [B] or [B, L] -> (e [U, dim] for the head, e0 [U, 6, dim] for the blocks, float32, and
+        index [B, 1 or L]): the embeddings of the U distinct timesteps, and which one each sample
+        (or token) has.
 
         Per-token timesteps (Wan2.2 TI2V) take few distinct values (0 on the
         image's first frame, t elsewhere), so each distinct value is embedded
-        once and the rows are gathered per token.
+        once and the layers gather the rows per token as they use them.
         """
         if t.shape == (batch,):
             values, index = t, torch.arange(batch, device=t.device).unsqueeze(1)
@@ -417,7 +434,7 @@ class WanModel(nn.Module):
                              f"or [{batch}, {tokens}] (one per patch token)")
         e = _in_own_dtype(self.time_embedding, sinusoidal_embedding(values, self.config.freq_dim))
         e0 = _in_own_dtype(self.time_projection, e).unflatten(1, (6, self.config.dim))
-        return e[index], e0[index]
+        return e, e0, index
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x [B, in_dim, F, H, W], t [B] or [B, f*h*w] (one per patch token, in (frame, row, column) order),
@@ -433,7 +450,7 @@ class WanModel(nn.Module):
             raise ValueError(f"context has {context.shape[1]} tokens, more than text_len {cfg.text_len}")
         grid = (frames // pt, height // ph, width // pw)
         # Time: sinusoid -> MLP -> six modulation vectors per block, all float32.
-        e, e0 = self.embed_time(t.to(x.device), batch, math.prod(grid))
+        e, e0, index = self.embed_time(t.to(x.device), batch, math.prod(grid))
 
         dtype = self.patch_embedding.weight.dtype
         x = self.patch_embedding(x.to(dtype))
@@ -446,8 +463,8 @@ class WanModel(nn.Module):
 
         freqs = self.rope(grid, x.device)
         for block in self.blocks:
-            x = block(x, e0, freqs, context)
-        x = self.head(x, e)
+            x = block(x, e0, index, freqs, context)
+        x = self.head(x, e, index)
 
         # Unpatchify: [B, f*h*w, pt*ph*pw*c] -> [B, c, f*pt, h*ph, w*pw].
         f, h, w = grid
