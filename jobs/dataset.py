@@ -40,6 +40,7 @@ __all__ = [
     "rows_to_table",
     "sidecar_bytes",
     "parse_sidecar",
+    "with_added_columns",
     "video_relpath",
     "sidecar_relpath",
 ]
@@ -101,6 +102,12 @@ class SidecarError(ValueError):
         super().__init__(f"{path}: bad sidecar: {reason}")
         self.path = path
         self.reason = reason
+
+
+def with_added_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """A row read back from a sidecar or a metadata file written before some columns existed,
+    with those columns as they would have been (`ADDED_COLUMNS`)."""
+    return {**ADDED_COLUMNS, **row} if not ADDED_COLUMNS.keys() <= row.keys() else row
 
 
 def _utc(value: datetime | None, name: str) -> datetime | None:
@@ -289,8 +296,7 @@ def parse_sidecar(data: bytes, path: str) -> dict[str, Any]:
         raise SidecarError(path, f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise SidecarError(path, f"expected a JSON object, got {type(obj).__name__}")
-    for name, value in ADDED_COLUMNS.items():
-        obj.setdefault(name, value)
+    obj = with_added_columns(obj)
     missing = [name for name in OUTPUT_SCHEMA.names if name not in obj]
     if missing:
         raise SidecarError(path, f"missing keys {missing}")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from jobs.dataset import make_row
+from jobs.dataset import make_row, with_added_columns
 from jobs.job import RenderJob
 from jobs.manifest import ManifestError, load_jobs
 from pipeline.actor import CONCURRENCY, RenderActor, software_versions
@@ -264,7 +264,8 @@ def previous_failures(out: OutputDir, done_rows: dict[str, dict]) -> dict[str, d
     table = out.read_metadata()
     if table is None or "status" not in table.column_names:
         return {}
-    return {r["job_id"]: r for r in table.to_pylist() if r["status"] == "failed" and r["job_id"] not in done_rows}
+    return {r["job_id"]: with_added_columns(r) for r in table.to_pylist()
+            if r["status"] == "failed" and r["job_id"] not in done_rows}
 
 
 def summarize_seeds(seeds: list[int] | None) -> str | None:

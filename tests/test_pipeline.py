@@ -387,3 +387,28 @@ def test_the_other_wan22_families_render_their_manifests_end_to_end(ray_session,
         assert list(df["boundary"]) == [0.875, 0.95, 0.875] and list(df["guidance_2"]) == [3.0, 3.0, 1.5]
     else:
         assert df["image_sha256"].isna().tolist() == [True, False]
+
+
+def test_failed_rows_of_an_output_from_before_families_are_read_and_compacted(tmp_path):
+    """An OUT whose metadata predates the family and video size columns: its failed rows come back
+    with those columns filled (Wan2.1 T2V, no size) and compact into the current schema."""
+    from jobs.dataset import OUTPUT_SCHEMA, rows_to_table
+    from pipeline.driver import previous_failures
+    from pipeline.output import OutputDir
+
+    out = OutputDir(str(tmp_path))
+    out.ensure()
+    job_id = "ab" * 32
+    old = {name: None for name in OUTPUT_SCHEMA.names if name not in ("family", "video_width", "video_height")}
+    old |= {"job_id": job_id, "file_name": f"videos/ab/{job_id}.mp4", "prompt": "p", "negative_prompt": "n", "seed": 0,
+            "width": 64, "height": 64, "frames": 9, "steps": 4, "guidance": 5.0, "shift": 5.0, "fps": 16,
+            "sampler": "unipc", "model_digest": "cd" * 32, "status": "failed", "error": "boom", "attempts": 3, "row": 0}
+    (tmp_path / "metadata").mkdir(exist_ok=True)
+    pq.write_table(rows_to_table([old | {"family": "x", "video_width": None, "video_height": None}])
+                   .drop_columns(["family", "video_width", "video_height"]), tmp_path / "metadata" / "part-0.parquet")
+    failed = previous_failures(out, {})
+    assert failed[job_id]["family"] == "wan2.1-t2v" and failed[job_id]["video_width"] is None
+    out.compact(list(failed.values()))
+    table = pq.read_table(tmp_path / "metadata" / "part-0.parquet")
+    assert table.column_names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
+    assert table.column("family").to_pylist() == ["wan2.1-t2v"]
