@@ -11,7 +11,6 @@ loses nothing that was committed, and the same command resumes.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import OrderedDict, deque
@@ -142,8 +141,6 @@ class Slot:
 
 
 def run(config: RunConfig, stream=None) -> dict:
-    import ray
-
     stream = stream or sys.stderr
     started_at = datetime.now(timezone.utc)
     t_start = time.monotonic()

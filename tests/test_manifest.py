@@ -21,7 +21,7 @@ from jobs.manifest import (
     load_jobs,
     read_manifest,
 )
-from jobs.seeds import MAX_SEED_COUNT, check_seed, parse_seed_range
+from jobs.seeds import MAX_SEED_COUNT, parse_seed_range
 from jobs.params import DEFAULT_NEGATIVE_PROMPT
 
 MODEL = "9f" * 32

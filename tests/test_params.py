@@ -9,7 +9,7 @@ import pytest
 from engine.families import FAMILIES
 from engine.families.wan21_t2v import SPEC as WAN21
 from jobs.family import FamilySpec
-from jobs.params import DEFAULT_NEGATIVE_PROMPT, ParamSpec, RenderParams
+from jobs.params import DEFAULT_NEGATIVE_PROMPT, ParamSpec
 
 GOOD = dict(width=64, height=48, frames=9, steps=4, guidance=5.0, shift=3.0, fps=16, sampler="euler")
 
