@@ -3,9 +3,10 @@
 The oracle is a tiny random diffusers model (heads 2 x head dim 128, ffn 512,
 2 layers, text_dim 64) in the three channel layouts: 16 -> 16 (Wan2.1 T2V, the
 Wan2.2 T2V-A14B experts), 48 -> 48 with per-token timesteps (Wan2.2 TI2V-5B)
-and 36 -> 16 (the Wan2.2 I2V-A14B experts). Its weights, renamed to the
-original Wan names, go into our `WanModel` directly and through GGUF files that
-we write; diffusers' own GGUF loader reads the same files.
+and 36 -> 16 (the Wan2.2 I2V-A14B experts; with the image branch, image_dim 32,
+Wan2.1 I2V-14B). Its weights, renamed to the original Wan names, go into our
+`WanModel` directly and through GGUF files that we write; diffusers' own GGUF
+loader reads the same files.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gguf.quants import dequantize, quantize
 
 from engine.gguf import GGUFFile
 from engine.wan.convert.dit import community_qtype, write_dit_gguf
+from engine.gguf.linear import QuantizedLinear
 from engine.wan.dit import (
     WAN_CONFIGS,
     ModelConfigError,
@@ -36,8 +38,16 @@ Q = GGMLQuantizationType
 TINY_HEADS = {"wan.attention.head_count": 2}
 
 # diffusers name fragment -> original Wan name fragment, applied in order
-# (diffusers calls the affine cross-attention norm `norm2`, the original `norm3`).
+# (diffusers calls the affine cross-attention norm `norm2`, the original `norm3`;
+# the image embedder's names go first, its own `norm2` being img_emb.proj.4).
 DIFFUSERS_TO_WAN = [
+    ("condition_embedder.image_embedder.norm1.", "img_emb.proj.0."),
+    ("condition_embedder.image_embedder.ff.net.0.proj.", "img_emb.proj.1."),
+    ("condition_embedder.image_embedder.ff.net.2.", "img_emb.proj.3."),
+    ("condition_embedder.image_embedder.norm2.", "img_emb.proj.4."),
+    (".add_k_proj.", ".k_img."),
+    (".add_v_proj.", ".v_img."),
+    (".norm_added_k.", ".norm_k_img."),
     ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
     ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
     ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
@@ -68,15 +78,16 @@ def to_wan_names(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def tiny_diffusers_model(root, in_channels: int, out_channels: int):
-    """(diffusers model, its weights under the original Wan names, root); its config.json goes to root/config/."""
+def tiny_diffusers_model(root, in_channels: int, out_channels: int, **image_branch):
+    """(diffusers model, its weights under the original Wan names, root); its config.json goes to root/config/.
+    `image_branch`: diffusers' `image_dim` and `added_kv_proj_dim` for a Wan2.1 I2V model."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
     ref = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=in_channels,
         out_channels=out_channels, text_dim=64, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6,
+        qk_norm="rms_norm_across_heads", eps=1e-6, **image_branch,
     ).eval().requires_grad_(False)
     # The official init zeroes the head and sets norms to 1: re-randomise every
     # parameter (norm affines and modulation tables included) so all of them count.
@@ -162,6 +173,9 @@ def test_community_qtype_policy():
     for name in ("patch_embedding.weight", "text_embedding.0.weight", "time_embedding.2.weight",
                  "time_projection.1.weight", "head.head.weight", "img_emb.proj.1.weight"):
         assert community_qtype(name, (5120, 4096), "Q8_0") == Q.F32, name
+    # the Wan2.1 I2V image keys / values are block weights like any other
+    assert community_qtype("blocks.9.cross_attn.k_img.weight", (5120, 5120), "Q4_K") == Q.Q4_K
+    assert community_qtype("blocks.9.cross_attn.norm_k_img.weight", (5120,), "Q4_K") == Q.F32
     # a row that is not a whole number of blocks falls back to F16
     assert community_qtype("blocks.0.ffn.0.weight", (512, 48), "Q8_0") == Q.F16
     assert community_qtype("blocks.0.ffn.0.weight", (512, 384), "Q4_K") == Q.F16
@@ -468,39 +482,30 @@ def test_load_dit_names_the_file_and_the_missing_tensor(tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def variant_files(tiny, tmp_path_factory):
-    """GGUF files of a tiny Wan2.1 I2V DiT (image embedding, image cross-attention) and a tiny VACE DiT."""
+def variant_files(tiny, wan21_i2v, tmp_path_factory):
+    """GGUF files of a tiny VACE DiT and a tiny Wan2.1 FLF2V DiT (the I2V branch plus `img_emb.emb_pos`)."""
     _, state, _ = tiny
     gen = torch.Generator().manual_seed(3)
-    dim, clip = 256, 32
+    dim = 256
 
     def rand(*shape):
         return torch.randn(shape, generator=gen)
 
-    i2v = {**state, "patch_embedding.weight": rand(dim, 36, 1, 2, 2)}
-    for i, shape in {0: (clip,), 1: (clip, clip), 3: (dim, clip), 4: (dim,)}.items():
-        i2v[f"img_emb.proj.{i}.weight"] = rand(*shape)
-        i2v[f"img_emb.proj.{i}.bias"] = rand(shape[0])
-    for b in range(2):
-        for proj in ("k_img", "v_img"):
-            i2v[f"blocks.{b}.cross_attn.{proj}.weight"] = rand(dim, dim)
-            i2v[f"blocks.{b}.cross_attn.{proj}.bias"] = rand(dim)
-        i2v[f"blocks.{b}.cross_attn.norm_k_img.weight"] = rand(dim)
-
     vace = {**state, "vace_patch_embedding.weight": rand(dim, 96, 1, 2, 2), "vace_patch_embedding.bias": rand(dim)}
     vace |= {f"vace_blocks.0.{n[len('blocks.0.'):]}": v for n, v in state.items() if n.startswith("blocks.0.")}
     vace |= {"vace_blocks.0.before_proj.weight": rand(dim, dim), "vace_blocks.0.after_proj.weight": rand(dim, dim)}
+    flf2v = {**wan21_i2v.state, "img_emb.emb_pos": rand(1, 2 * 257, IMAGE_DIM)}
 
     root = tmp_path_factory.mktemp("variants")
-    paths = {"Wan2.1 I2V": root / "wan21_i2v.gguf", "VACE": root / "vace.gguf"}
-    write_dit_gguf(i2v, paths["Wan2.1 I2V"], "Q8_0", metadata=TINY_HEADS)
+    paths = {"VACE": root / "vace.gguf", "Wan2.1 FLF2V": root / "wan21_flf2v.gguf"}
     write_dit_gguf(vace, paths["VACE"], "Q8_0", metadata=TINY_HEADS)
+    write_dit_gguf(flf2v, paths["Wan2.1 FLF2V"], "Q8_0", metadata=TINY_HEADS)
     return paths
 
 
-@pytest.mark.parametrize("variant, tensor", [("Wan2.1 I2V", "blocks.0.cross_attn.k_img.bias"),
-                                             ("VACE", "vace_blocks.0.after_proj.weight")])
-def test_wan21_i2v_and_vace_files_are_refused_in_one_line(variant_files, variant, tensor):
+@pytest.mark.parametrize("variant, tensor", [("VACE", "vace_blocks.0.after_proj.weight"),
+                                             ("Wan2.1 FLF2V", "img_emb.emb_pos")])
+def test_vace_and_flf2v_files_are_refused_in_one_line(variant_files, variant, tensor):
     path = variant_files[variant]
     with pytest.raises(ModelConfigError) as info:
         load_dit(path)
@@ -508,6 +513,180 @@ def test_wan21_i2v_and_vace_files_are_refused_in_one_line(variant_files, variant
     with GGUFFile(path) as f:  # the header check the driver runs before Ray starts says the same
         with pytest.raises(ModelConfigError, match=f"^a {variant} DiT .*not supported yet$"):
             infer_config({name: f.shape(name) for name in f.tensor_names}, f.metadata)
+
+
+# --- Wan2.1 I2V-14B: the image branch (img_emb, cross_attn.k_img / v_img / norm_k_img) ---
+
+IMAGE_DIM = 32  # the CLIP width, 1280 in the published model
+
+
+@dataclasses.dataclass
+class I2VOracle:
+    ref: object  # diffusers WanTransformer3DModel with image_dim and added_kv_proj_dim
+    state: dict
+    root: object
+    files: dict  # "F32" / "Q8_0" -> community-layout GGUF path
+
+
+@pytest.fixture(scope="module")
+def wan21_i2v(tmp_path_factory):
+    ref, _, root = tiny_diffusers_model(tmp_path_factory.mktemp("wan21_i2v"), 36, 16,
+                                        image_dim=IMAGE_DIM, added_kv_proj_dim=256)
+    # Image keys 4x larger than the re-randomised rest, so norm_k_img really rescales them
+    # (skipping it makes the image attention 4x sharper): the norm-skipped mistake is then far off.
+    for block in ref.blocks:
+        block.attn2.add_k_proj.weight.mul_(4)
+        block.attn2.add_k_proj.bias.mul_(4)
+    state = to_wan_names(ref.state_dict())
+    files = {quant: root / f"wan21_i2v_{quant}.gguf" for quant in ("F32", "Q8_0")}
+    for quant, path in files.items():
+        write_dit_gguf(state, path, quant, metadata=TINY_HEADS)
+    return I2VOracle(ref, state, root, files)
+
+
+def i2v_inputs():
+    """x [2, 36, 3, 8, 8] = [noise; first-frame mask; image latent], t, the 512-token text context and
+    257 CLIP tokens per sample: noise around a per-sample vector, as an image's tokens share its
+    content (a different image then changes the output well beyond the tolerance)."""
+    gen = torch.Generator().manual_seed(5)
+    noise, _, context = inputs()
+    mask = torch.zeros(2, 4, 3, 8, 8)
+    mask[:, :, 0] = 1
+    x = torch.cat([noise, mask, torch.randn(2, 16, 3, 8, 8, generator=gen)], dim=1)
+    clip = torch.randn(2, 257, IMAGE_DIM, generator=gen) + 2 * torch.randn(2, 1, IMAGE_DIM, generator=gen)
+    return x, torch.tensor([900.0, 400.0]), context, clip
+
+
+def test_wan21_i2v_config_is_inferred_with_its_image_branch(wan21_i2v):
+    cfg = infer_config({n: tuple(v.shape) for n, v in wan21_i2v.state.items()}, TINY_HEADS)
+    assert cfg == WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36, out_dim=16, text_dim=64,
+                            image_dim=IMAGE_DIM)
+    assert set(wan21_i2v.state) == set(expected_shapes(cfg))
+    assert {n for n in wan21_i2v.state if "img" in n} >= {
+        "img_emb.proj.0.bias", "img_emb.proj.4.weight", "blocks.1.cross_attn.k_img.weight",
+        "blocks.1.cross_attn.v_img.bias", "blocks.1.cross_attn.norm_k_img.weight"}
+
+
+@torch.no_grad()
+def test_wan21_i2v_matches_diffusers_through_gguf(wan21_i2v, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    x, t, context, clip = i2v_inputs()
+    path = wan21_i2v.files["F32"]
+    theirs = diffusers_from_gguf(path, wan21_i2v.root / "config")
+    assert theirs.condition_embedder.image_embedder is not None and theirs.blocks[0].attn2.add_k_proj is not None
+    expected = theirs(x, t, context, encoder_hidden_states_image=clip, return_dict=False)[0]
+    model = load_dit(path)
+    got = model(x, t, context, clip)
+    assert got.shape == (2, 16, 3, 8, 8) and expected.abs().max() > 0.5
+    # float32 on both sides from the same weights: only the order of float32 ops differs.
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    direct = wan21_i2v.ref(x, t, context, encoder_hidden_states_image=clip, return_dict=False)[0]
+    torch.testing.assert_close(direct, expected, atol=ATOL, rtol=RTOL)
+    # A shorter text context is zero-padded to 512 before the image tokens are put in front.
+    assert torch.equal(model(x, t, context[:, :12], clip), got)
+
+    # Mistakes the tolerance rejects. Image tokens ignored: the same weights without the branch.
+    text_only = WanModel(dataclasses.replace(model.config, image_dim=None))
+    text_only.load_state_dict({n: v for n, v in wan21_i2v.state.items() if "img" not in n})
+    assert_rejected(text_only(x, t, context), expected)
+    # The other sample's image: each sample attends to its own CLIP tokens.
+    assert_rejected(model(x, t, context, clip.flip(0)), expected)
+
+    # Image tokens after the text instead of before (the split then takes text for image).
+    def text_first(context, clip_features, dtype):
+        full = WanModel.embed_context(model, context, clip_features, dtype)
+        return torch.cat([full[:, -512:], full[:, :-512]], dim=1)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "embed_context", text_first)
+        assert_rejected(model(x, t, context, clip), expected)
+    assert torch.equal(model(x, t, context, clip), got)
+
+    # norm_k_img skipped (its weights are random around 1, as every norm's here).
+    for block in model.blocks:
+        block.cross_attn.norm_k_img = torch.nn.Identity()
+    assert_rejected(model(x, t, context, clip), expected)
+
+
+@torch.no_grad()
+def test_wan21_i2v_q8_0_file_both_policies(wan21_i2v, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    x, t, context, clip = i2v_inputs()
+    path = wan21_i2v.files["Q8_0"]
+    with GGUFFile(path) as f:  # the community layout: image keys / values quantized, img_emb F32
+        assert f.qtype("blocks.0.cross_attn.k_img.weight") == Q.Q8_0
+        assert f.qtype("blocks.1.cross_attn.v_img.weight") == Q.Q8_0
+        assert f.qtype("img_emb.proj.1.weight") == Q.F32 and f.qtype("img_emb.proj.3.weight") == Q.F32
+    once = load_dit(path, policy="dequantize_once")
+    fly = load_dit(path, policy="on_the_fly")
+    assert isinstance(fly.blocks[0].cross_attn.k_img, QuantizedLinear)
+    assert isinstance(fly.blocks[1].cross_attn.v_img, QuantizedLinear)
+    assert type(fly.img_emb.proj[1]) is torch.nn.Linear  # stored F32: stays dense
+    got = once(x, t, context, clip)
+    # The same dequantized values into the same matmuls: the same bits.
+    assert torch.equal(fly(x, t, context, clip), got)
+    # diffusers dequantizes Q8_0 in float16, we in float32 (see test_diffusers_gguf_loader_reads_our_files).
+    theirs = diffusers_from_gguf(path, wan21_i2v.root / "config")
+    expected = theirs(x, t, context, encoder_hidden_states_image=clip, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, atol=5e-3, rtol=1e-3)
+    assert 0 < (got - load_dit(wan21_i2v.files["F32"])(x, t, context, clip)).abs().max() < 0.1
+
+
+@torch.no_grad()
+def test_wan21_i2v_half_precision_keeps_the_norms_float32(wan21_i2v):
+    x, t, context, clip = i2v_inputs()
+    full = load_dit(wan21_i2v.files["Q8_0"])(x, t, context, clip)
+    model = load_dit(wan21_i2v.files["Q8_0"], dtype=torch.bfloat16)
+    assert model.img_emb.proj[1].weight.dtype == torch.bfloat16
+    assert model.blocks[0].cross_attn.k_img.weight.dtype == torch.bfloat16
+    assert model.img_emb.proj[0].weight.dtype == model.img_emb.proj[4].bias.dtype == torch.float32
+    half = model(x, t, context.bfloat16(), clip.bfloat16())
+    assert half.dtype == torch.float32
+    fly = load_dit(wan21_i2v.files["Q8_0"], dtype=torch.bfloat16, policy="on_the_fly")
+    assert torch.equal(fly(x, t, context.bfloat16(), clip.bfloat16()), half)
+    err = (half - full).abs().max() / full.abs().max()
+    assert err < 2e-2, err  # measured 3.3e-3, as T2V's (bf16 keeps 8 mantissa bits)
+
+
+@torch.no_grad()
+def test_image_features_and_image_branch_go_together(tiny, wan21_i2v):
+    x, t, context, clip = i2v_inputs()
+    model = load_dit(wan21_i2v.files["F32"])
+    with pytest.raises(ValueError, match=r"^this DiT \(Wan2.1 I2V\) needs clip_features \[2, 257, 32\], "
+                                         r"the CLIP tokens of the image$"):
+        model(x, t, context)
+    for bad in (clip[:1], clip[..., :16], clip[:, :0], clip[0]):
+        with pytest.raises(ValueError, match=r"^clip_features has shape .*; expected \[2, 257, 32\]$"):
+            model(x, t, context, bad)
+    t2v = dense_model(tiny[1])
+    with pytest.raises(ValueError, match=r"^clip_features given, but this DiT has no image branch \(img_emb\)"):
+        t2v(x[:, :16], t, context, clip)
+
+
+def test_published_wan21_i2v_shapes_give_i2v_14b():
+    # The published Wan2.1 I2V-14B table, written out: the T2V-14B tensors with 36 input
+    # channels, img_emb (CLIP width 1280) and each block's image keys / values.
+    shapes = {**expected_shapes(WAN_CONFIGS["t2v-14B"]), "patch_embedding.weight": (5120, 36, 1, 2, 2)}
+    shapes |= {"img_emb.proj.0.weight": (1280,), "img_emb.proj.0.bias": (1280,),
+               "img_emb.proj.1.weight": (1280, 1280), "img_emb.proj.1.bias": (1280,),
+               "img_emb.proj.3.weight": (5120, 1280), "img_emb.proj.3.bias": (5120,),
+               "img_emb.proj.4.weight": (5120,), "img_emb.proj.4.bias": (5120,)}
+    for b in range(40):
+        shapes |= {f"blocks.{b}.cross_attn.k_img.weight": (5120, 5120), f"blocks.{b}.cross_attn.k_img.bias": (5120,),
+                   f"blocks.{b}.cross_attn.v_img.weight": (5120, 5120), f"blocks.{b}.cross_attn.v_img.bias": (5120,),
+                   f"blocks.{b}.cross_attn.norm_k_img.weight": (5120,)}
+    cfg = infer_config(shapes)
+    assert config_name(cfg) == "i2v-14B" and cfg.image_dim == 1280 and (cfg.in_dim, cfg.out_dim) == (36, 16)
+    assert shapes == expected_shapes(cfg)
+    # Without the branch the same table is the Wan2.2 I2V-A14B expert.
+    assert config_name(infer_config({n: s for n, s in shapes.items() if "img" not in n})) == "i2v-A14B"
+    # A partial branch names what is missing.
+    with pytest.raises(ModelConfigError, match="'blocks.39.cross_attn.norm_k_img.weight' is missing"):
+        infer_config({n: s for n, s in shapes.items() if n != "blocks.39.cross_attn.norm_k_img.weight"})
+    with pytest.raises(ModelConfigError, match="'img_emb.proj.1.weight' is missing"):
+        infer_config({n: s for n, s in shapes.items() if not n.startswith("img_emb.")})
+    with pytest.raises(ModelConfigError, match=r"'img_emb.proj.4.bias' has shape \[1280\], expected \[5120\]"):
+        infer_config({**shapes, "img_emb.proj.4.bias": (1280,)})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -518,6 +697,17 @@ def test_cuda_matches_cpu(files):
     for policy in ("dequantize_once", "on_the_fly"):
         gpu = load_dit(files["Q8_0"], device="cuda", policy=policy)(x.cuda(), t.cuda(), context.cuda())
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_wan21_i2v_matches_cpu(wan21_i2v):
+    x, t, context, clip = i2v_inputs()
+    cpu = load_dit(wan21_i2v.files["Q8_0"])(x, t, context, clip)
+    for policy in ("dequantize_once", "on_the_fly"):
+        gpu = load_dit(wan21_i2v.files["Q8_0"], device="cuda", policy=policy)
+        got = gpu(x.cuda(), t.cuda(), context.cuda(), clip.cuda()).cpu()
+        torch.testing.assert_close(got, cpu, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,11 +1,13 @@
 """The Wan diffusion transformer (DiT), as wan/modules/model.py of Wan2.1 and Wan2.2 defines it.
 
-One model for every variant without an image encoder or VACE blocks: Wan2.1
-T2V, the Wan2.2 A14B experts (T2V 16 -> 16 channels; I2V 36 -> 16, the caller
-concatenating [noise 16; mask 4; image latent 16] along channels), and Wan2.2
-TI2V-5B (48 -> 48, one timestep per token so the image's first frame can sit
-at t = 0). Files of Wan2.1 I2V (`img_emb`, `cross_attn.k_img`) and VACE
-(`vace_blocks`) are recognised and refused.
+One model for every variant without VACE blocks: Wan2.1 T2V, the Wan2.2 A14B
+experts (T2V 16 -> 16 channels; I2V 36 -> 16, the caller concatenating
+[noise 16; mask 4; image latent 16] along channels), Wan2.2 TI2V-5B (48 -> 48,
+one timestep per token so the image's first frame can sit at t = 0), and Wan2.1
+I2V-14B (36 -> 16 as I2V-A14B, plus an image branch: `img_emb` maps the 257
+CLIP image tokens into the context, and each cross-attention attends to them
+with its own `k_img` / `v_img`). Files of VACE (`vace_blocks`) and Wan2.1
+FLF2V (`img_emb.emb_pos`) are recognised and refused.
 
 Module attribute names equal the names of the original checkpoint
 (`blocks.N.self_attn.q.weight`, `head.modulation`, ...), which are also the
@@ -16,9 +18,9 @@ reads them off the tensor shapes (every published Wan model has head dim 128).
 Precision follows the official code: the residual stream, the time embedding
 and projection, the modulation tables, the gated residual adds, the head and
 the rotary embedding are float32 (the official `amp.autocast(float32)`
-regions); the linear layers, the attention and the text embedding run in the
-compute dtype (the weights' dtype, e.g. bfloat16). In float32 every cast below
-is a no-op.
+regions); the linear layers, the attention and the text and image embeddings
+run in the compute dtype (the weights' dtype, e.g. bfloat16), their LayerNorms
+in float32. In float32 every cast below is a no-op.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ class WanConfig:
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
+    image_dim: int | None = None  # width of the CLIP image tokens (1280) for Wan2.1 I2V; None: no image branch
 
     @property
     def head_dim(self) -> int:
@@ -66,18 +69,22 @@ class WanConfig:
 
 
 # Published sizes (wan/configs/*.py of Wan2.1 and Wan2.2). The Wan2.2 T2V-A14B
-# experts have exactly the shapes of Wan2.1 T2V-14B; the I2V-A14B experts take
-# 36 input channels (noise 16, mask 4, image latent 16) and have no image embedding.
+# experts have exactly the shapes of Wan2.1 T2V-14B; Wan2.1 I2V-14B and the
+# I2V-A14B experts take 36 input channels (noise 16, mask 4, image latent 16),
+# and only Wan2.1 I2V-14B has the image branch (CLIP ViT-H/14 tokens, 1280 wide).
 _SHARED = dict(text_dim=4096, freq_dim=256, text_len=512, patch_size=(1, 2, 2), eps=1e-6)
 WAN_CONFIGS: dict[str, WanConfig] = {
     "t2v-1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16, **_SHARED),
     "t2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16, **_SHARED),
+    "i2v-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16,
+                         image_dim=1280, **_SHARED),
     "t2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16, **_SHARED),
     "i2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16, **_SHARED),
     "ti2v-5B": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48, **_SHARED),
 }
 
 HEAD_DIM = 128  # every published Wan DiT
+IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches and the class token (Wan2.1 I2V)
 HEAD_COUNT_KEY = "wan.attention.head_count"  # only tiny test models carry it
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
@@ -104,6 +111,15 @@ def expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
         "time_projection.1.weight": (6 * d, d),
         "time_projection.1.bias": (6 * d,),
     }
+    if cfg.image_dim is not None:
+        c = cfg.image_dim
+        for i, width in ((0, c), (4, d)):  # LayerNorms with weight and bias
+            shapes[f"img_emb.proj.{i}.weight"] = (width,)
+            shapes[f"img_emb.proj.{i}.bias"] = (width,)
+        shapes["img_emb.proj.1.weight"] = (c, c)
+        shapes["img_emb.proj.1.bias"] = (c,)
+        shapes["img_emb.proj.3.weight"] = (d, c)
+        shapes["img_emb.proj.3.bias"] = (d,)
     for i in range(cfg.num_layers):
         p = f"blocks.{i}."
         for attn in ("self_attn", "cross_attn"):
@@ -113,6 +129,12 @@ def expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
             if cfg.qk_norm:
                 shapes[f"{p}{attn}.norm_q.weight"] = (d,)
                 shapes[f"{p}{attn}.norm_k.weight"] = (d,)
+        if cfg.image_dim is not None:
+            for proj in ("k_img", "v_img"):
+                shapes[f"{p}cross_attn.{proj}.weight"] = (d, d)
+                shapes[f"{p}cross_attn.{proj}.bias"] = (d,)
+            if cfg.qk_norm:
+                shapes[f"{p}cross_attn.norm_k_img.weight"] = (d,)
         if cfg.cross_attn_norm:
             shapes[f"{p}norm3.weight"] = (d,)
             shapes[f"{p}norm3.bias"] = (d,)
@@ -135,11 +157,14 @@ def _squeeze_leading(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # Variants with modules `WanModel` does not have yet -> name parts only their files hold
-# (Wan2.1 FLF2V files hold `img_emb` too: they are Wan2.1 I2V models given two images).
+# (Wan2.1 FLF2V files are Wan2.1 I2V models given two images: the same branch plus
+# a position embedding over the 2 x 257 image tokens).
 UNSUPPORTED_VARIANTS = {
     "VACE": ("vace_patch_embedding.", "vace_blocks."),
-    "Wan2.1 I2V": ("img_emb.", ".cross_attn.k_img.", ".cross_attn.v_img."),
+    "Wan2.1 FLF2V": ("img_emb.emb_pos",),
 }
+# Name parts of the Wan2.1 I2V image branch (`img_emb`, and per block `cross_attn.k_img` ...).
+_IMAGE_BRANCH = ("img_emb.", ".cross_attn.k_img.", ".cross_attn.v_img.", ".cross_attn.norm_k_img.")
 
 
 def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, Any] | None = None) -> WanConfig:
@@ -147,9 +172,11 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, A
 
     Published files carry no hyper-parameters; the head count is dim // 128
     unless `metadata` has `wan.attention.head_count` (tiny test models).
-    Checks every tensor the model needs; raises `ModelConfigError` naming the
-    first one missing or mis-shaped, or the variant (Wan2.1 I2V, VACE) that is
-    not supported yet.
+    A file with any tensor of the image branch (`img_emb.*`,
+    `blocks.N.cross_attn.k_img` ...) is a Wan2.1 I2V model and must have all of
+    it; `image_dim` is the input width of `img_emb.proj.1`. Checks every tensor
+    the model needs; raises `ModelConfigError` naming the first one missing or
+    mis-shaped, or the variant (VACE, Wan2.1 FLF2V) that is not supported yet.
     """
     shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
     for variant, parts in UNSUPPORTED_VARIANTS.items():
@@ -178,6 +205,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, A
         gap = next(i for i, b in enumerate(blocks) if i != b)
         raise ModelConfigError(f"block indices run to {blocks[-1]} but 'blocks.{gap}.*' is missing")
     num_layers = len(blocks)
+    image_dim = None
+    if any(part in name for name in shapes for part in _IMAGE_BRANCH):
+        image_dim = need("img_emb.proj.1.weight", 2)[1]
 
     head_count = (metadata or {}).get(HEAD_COUNT_KEY)
     if head_count is not None:
@@ -199,7 +229,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, A
         out_dim=head_out // math.prod(patch_size), text_dim=text_dim, freq_dim=freq_dim,
         patch_size=patch_size, eps=1e-6,
         qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
-        cross_attn_norm="blocks.0.norm3.weight" in shapes,
+        cross_attn_norm="blocks.0.norm3.weight" in shapes, image_dim=image_dim,
     )
     for name, shape in expected_shapes(cfg).items():
         if name not in shapes:
@@ -278,6 +308,12 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), (self.dim,), weight, bias, self.eps)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, Lq, heads, d] q, [B, Lk, heads, d] k/v -> [B, Lq, heads * d] (heads concatenated)."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return y.transpose(1, 2).flatten(2)
+
+
 class WanSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
@@ -291,8 +327,7 @@ class WanSelfAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, L, heads, d] q/k/v -> [B, L, dim] projected output."""
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o(y.transpose(1, 2).flatten(2))
+        return self.o(attention(q, k, v))
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
@@ -316,6 +351,47 @@ class WanCrossAttention(WanSelfAttention):
         return self.attend(q, k, v)
 
 
+class WanI2VCrossAttention(WanCrossAttention):
+    """Wan2.1 I2V cross-attention: the context is [image tokens; `text_len` text tokens]. The same
+    queries attend to the text (k, v, norm_k) and, separately, to the image (k_img, v_img,
+    norm_k_img); `o` projects the sum of the two (official WanI2VCrossAttention)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float, text_len: int):
+        super().__init__(dim, num_heads, qk_norm, eps)
+        self.text_len = text_len
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        # Official: the image tokens are whatever precedes the last text_len (512) tokens.
+        image, text = context[:, :-self.text_len], context[:, -self.text_len:]
+        q = self.norm_q(self.q(x)).unflatten(2, heads)
+        k = self.norm_k(self.k(text)).unflatten(2, heads)
+        v = self.v(text).unflatten(2, heads)
+        k_img = self.norm_k_img(self.k_img(image)).unflatten(2, heads)
+        v_img = self.v_img(image).unflatten(2, heads)
+        return self.o(attention(q, k, v) + attention(q, k_img, v_img))
+
+
+class MLPProj(nn.Module):
+    """`img_emb`: CLIP image tokens [B, N, image_dim] -> context tokens [B, N, dim] (official MLPProj:
+    LayerNorm, Linear, exact GELU, Linear, LayerNorm; torch's LayerNorm defaults, affine, eps 1e-5)."""
+
+    def __init__(self, image_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            LayerNorm(image_dim, 1e-5, elementwise_affine=True), nn.Linear(image_dim, image_dim), nn.GELU(),
+            nn.Linear(image_dim, dim), LayerNorm(dim, 1e-5, elementwise_affine=True),
+        )
+
+    def forward(self, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Returns `dtype`: the norms compute in float32 (autocast's rule for layer_norm), the linears in `dtype`."""
+        norm_in, fc1, gelu, fc2, norm_out = self.proj
+        return norm_out(fc2(gelu(fc1(norm_in(image).to(dtype))))).to(dtype)
+
+
 class WanAttentionBlock(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -323,7 +399,10 @@ class WanAttentionBlock(nn.Module):
         self.norm1 = LayerNorm(dim, cfg.eps)
         self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
         self.norm3 = LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
-        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        if cfg.image_dim is None:
+            self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        else:
+            self.cross_attn = WanI2VCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps, cfg.text_len)
         self.norm2 = LayerNorm(dim, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
@@ -382,16 +461,18 @@ def _in_own_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def is_float32_param(name: str) -> bool:
     """Parameters that stay float32 whatever the compute dtype: the official float32 regions
-    (time embedding and projection, modulation tables, head), and the tiny norm3 affine."""
+    (time embedding and projection, modulation tables, head), and the tiny LayerNorm affines
+    (norm3, the image embedding's two norms)."""
     return (
-        name.startswith(("time_embedding.", "time_projection.", "head."))
+        name.startswith(("time_embedding.", "time_projection.", "head.", "img_emb.proj.0.", "img_emb.proj.4."))
         or name.endswith("modulation")
         or ".norm3." in name
     )
 
 
 class WanModel(nn.Module):
-    """The Wan DiT: latents, timesteps and text context in, the flow-matching velocity out."""
+    """The Wan DiT: latents, timesteps, text context (and, for Wan2.1 I2V, CLIP image tokens) in,
+    the flow-matching velocity out."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -401,6 +482,8 @@ class WanModel(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        if cfg.image_dim is not None:
+            self.img_emb = MLPProj(cfg.image_dim, dim)
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         # RoPE tables, built on first use per (grid, device): not buffers, so the
@@ -436,9 +519,23 @@ class WanModel(nn.Module):
         e0 = _in_own_dtype(self.time_projection, e).unflatten(1, (6, self.config.dim))
         return e, e0, index
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def embed_context(self, context: torch.Tensor, clip_features: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """The context the cross-attentions see, in `dtype`: the text zero-padded to text_len and
+        embedded, after the embedded image tokens when the model has the image branch."""
+        # Text: zero-padded to text_len and attended in full, padding included (official).
+        context = F.pad(context.to(dtype), (0, 0, 0, self.config.text_len - context.shape[1]))
+        context = self.text_embedding(context)
+        if clip_features is None:
+            return context
+        # Official: context = concat([img_emb(clip_fea), context]), image tokens first.
+        return torch.cat([self.img_emb(clip_features, dtype), context], dim=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                clip_features: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, in_dim, F, H, W], t [B] or [B, f*h*w] (one per patch token, in (frame, row, column) order),
-        context [B, <=text_len, text_dim] -> velocity [B, out_dim, F, H, W] float32."""
+        context [B, <=text_len, text_dim], clip_features [B, 257, image_dim] (Wan2.1 I2V only: the
+        CLIP ViT-H/14 penultimate-layer tokens of the image) -> velocity [B, out_dim, F, H, W] float32."""
         cfg = self.config
         batch, channels, frames, height, width = x.shape
         pt, ph, pw = cfg.patch_size
@@ -448,6 +545,16 @@ class WanModel(nn.Module):
             raise ValueError(f"latent {frames}x{height}x{width} is not a multiple of the patch size {cfg.patch_size}")
         if context.shape[1] > cfg.text_len:
             raise ValueError(f"context has {context.shape[1]} tokens, more than text_len {cfg.text_len}")
+        if cfg.image_dim is None and clip_features is not None:
+            raise ValueError("clip_features given, but this DiT has no image branch (img_emb): "
+                             "only Wan2.1 I2V takes them")
+        if cfg.image_dim is not None:
+            want = f"[{batch}, {IMAGE_TOKENS}, {cfg.image_dim}]"
+            if clip_features is None:
+                raise ValueError(f"this DiT (Wan2.1 I2V) needs clip_features {want}, the CLIP tokens of the image")
+            if clip_features.ndim != 3 or clip_features.shape[0] != batch or clip_features.shape[1] == 0 \
+                    or clip_features.shape[2] != cfg.image_dim:
+                raise ValueError(f"clip_features has shape {list(clip_features.shape)}; expected {want}")
         grid = (frames // pt, height // ph, width // pw)
         # Time: sinusoid -> MLP -> six modulation vectors per block, all float32.
         e, e0, index = self.embed_time(t.to(x.device), batch, math.prod(grid))
@@ -457,9 +564,7 @@ class WanModel(nn.Module):
         # The residual stream is float32 (official: bf16 + bf16 * float32 gate).
         x = x.flatten(2).transpose(1, 2).float().contiguous()
 
-        # Text: zero-padded to text_len and attended in full, padding included (official).
-        context = F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
-        context = self.text_embedding(context)
+        context = self.embed_context(context, clip_features, dtype)
 
         freqs = self.rope(grid, x.device)
         for block in self.blocks:
