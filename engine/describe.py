@@ -73,6 +73,9 @@ def describe_safetensors(path: str | Path) -> dict[str, Any]:
     elif any(name.startswith("encoder.block.") for name in tensors):
         info["kind"] = "umt5"
         info["family"] = "umT5 text encoder (safetensors; needs its SentencePiece .model)"
+    elif any(name.startswith(("vision_model.encoder.layers.", "visual.transformer.")) for name in tensors):
+        info["kind"] = "clip_vision"
+        info["family"] = "CLIP vision encoder (the image encoder of Wan2.1 I2V)"
     return info
 
 

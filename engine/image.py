@@ -127,7 +127,7 @@ def _check_size(**sizes: int) -> None:
             raise ValueError(f"{key} must be a positive integer, got {value!r:.80}")
 
 
-def _to_unit_range(image: np.ndarray) -> torch.Tensor:
+def to_unit_range(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] as float32 [3, H, W] in [-1, 1]: torchvision's `to_tensor` (x / 255), then `(x - 0.5) / 0.5`."""
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     return x.to(torch.float32).div(255).sub(0.5).div(0.5)
@@ -166,7 +166,7 @@ def i2v_a14b_image(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     """
     _check_image(image)
     _check_size(height=height, width=width)
-    return F.interpolate(_to_unit_range(image)[None], size=(height, width), mode="bicubic")[0]
+    return F.interpolate(to_unit_range(image)[None], size=(height, width), mode="bicubic")[0]
 
 
 def ti2v_output_size(
@@ -215,4 +215,4 @@ def ti2v_image(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     pil = Image.fromarray(image).resize((round(iw * scale), round(ih * scale)), Image.Resampling.LANCZOS)
     x1, y1 = (pil.width - width) // 2, (pil.height - height) // 2
     pil = pil.crop((x1, y1, x1 + width, y1 + height))
-    return _to_unit_range(np.asarray(pil))
+    return to_unit_range(np.asarray(pil))

@@ -6,7 +6,8 @@ with `HighNoise/` and `LowNoise/` subfolders) or names the files one by one.
 Every file is recognised by its header: a Wan DiT GGUF (and its
 configuration, inferred from tensor shapes), a umT5 encoder GGUF (tokenizer in
 its metadata) or safetensors (plus a SentencePiece `.model`), a Wan VAE in
-safetensors or GGUF (16 latent channels: Wan2.1; 48: Wan2.2). Then each
+safetensors or GGUF (16 latent channels: Wan2.1; 48: Wan2.2), a CLIP vision
+encoder (`clip_vision_h.safetensors`, for Wan2.1 I2V). Then each
 family's recogniser says whether the DiTs and VAEs are its files; exactly one
 must. Names matter only where contents cannot tell: the two A14B experts have
 identical shapes, so "high noise" / "low noise" in their names (or
@@ -28,7 +29,7 @@ from jobs.identity import model_digest
 # (the embedded tiny models do; the community files do not).
 DEFAULTS_KEY = "reelray.render_defaults"
 DIT_ROLES = ("dit", "dit_high", "dit_low")
-ROLES = (*DIT_ROLES, "text_encoder", "vae", "tokenizer")
+ROLES = (*DIT_ROLES, "text_encoder", "vae", "image_encoder", "tokenizer")
 TEXT_WIDTH_NAMES = ("token_embd.weight", "shared.weight", "encoder.embed_tokens.weight")
 
 
@@ -46,7 +47,7 @@ class ModelSet:
             raise ModelSetError(f"{directory}: not a directory")
         paths = sorted(p for p in directory.rglob("*")
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts))
-        found: dict[str, list] = {"dit": [], "text_encoder": [], "vae": [], "tokenizer": []}
+        found: dict[str, list] = {"dit": [], "text_encoder": [], "vae": [], "image_encoder": [], "tokenizer": []}
         for path in paths:
             role = file_role(path)
             if role is not None:
@@ -59,7 +60,8 @@ class ModelSet:
             names = ", ".join(p.name for p in found["text_encoder"])
             raise ModelSetError(f"{directory}: more than one text encoder file ({names}); name one with --text-encoder")
         tokenizer = found["tokenizer"][0] if len(found["tokenizer"]) == 1 else None
-        return cls._build(str(directory), dits, vaes, found["text_encoder"][0], tokenizer, family)
+        return cls._build(str(directory), dits, vaes, found["text_encoder"][0], tokenizer, family,
+                          found["image_encoder"])
 
     @classmethod
     def from_files(cls, files: dict[str, str | os.PathLike[str] | None], family: str | None = None) -> "ModelSet":
@@ -79,12 +81,13 @@ class ModelSet:
         expert = {"dit": None, "dit_high": "high", "dit_low": "low"}
         dits = [_dit_file(files[role], expert[role] or expert_from_name(files[role]))
                 for role in DIT_ROLES if role in files]
+        image_encoders = [files["image_encoder"]] if "image_encoder" in files else []
         return cls._build("the given files", dits, [_vae_file(files["vae"])], files["text_encoder"],
-                          files.get("tokenizer"), family)
+                          files.get("tokenizer"), family, image_encoders)
 
     @classmethod
     def _build(cls, where: str, dits: list[DitFile], vaes: list[VaeFile], text_encoder: Path,
-               tokenizer: Path | None, family: str | None) -> "ModelSet":
+               tokenizer: Path | None, family: str | None, image_encoders: list[Path]) -> "ModelSet":
         candidates = [get_family(family)] if family is not None else list(FAMILIES.values())
         matches, near_misses = [], []
         for candidate in candidates:
@@ -104,9 +107,19 @@ class ModelSet:
             raise ModelSetError(f"{where}: {_no_family(dits, vaes, family)}")
         chosen, roles = matches[0]
         files = dict(roles) | {"text_encoder": text_encoder}
+        if "image_encoder" in chosen.roles:  # one CLIP image encoder, as the text encoder is found
+            if not image_encoders:
+                raise ModelSetError(f"{where}: the {chosen.spec.title} family needs its CLIP image encoder "
+                                    "(Comfy-Org clip_vision_h.safetensors); none found")
+            if len(image_encoders) > 1:
+                names = ", ".join(p.name for p in image_encoders)
+                raise ModelSetError(f"{where}: more than one image encoder ({names}); name one with --image-encoder")
+            files["image_encoder"] = image_encoders[0]
         if tokenizer is not None:
             files["tokenizer"] = tokenizer
-        return cls(chosen.spec.name, files, _spec_with_file_defaults(chosen.spec, files[chosen.roles[0]]))
+        dit = files[chosen.roles[0]]
+        spec = chosen.spec.with_defaults(chosen.file_defaults(dit)) if chosen.file_defaults else chosen.spec
+        return cls(chosen.spec.name, files, _spec_with_file_defaults(spec, dit))
 
     def paths(self) -> dict[str, str]:
         """Role -> path as strings (what travels to the render actors)."""
@@ -205,6 +218,8 @@ def file_role(path: Path) -> str | None:
             return "vae"
         if any(n.startswith("encoder.block.") for n in names):
             return "text_encoder"
+        if any(n.startswith(("vision_model.encoder.layers.", "visual.transformer.")) for n in names):
+            return "image_encoder"
         return None
     if path.suffix == ".model":
         return "tokenizer"

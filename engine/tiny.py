@@ -6,7 +6,8 @@ from a fixed seed: DiT GGUFs with the original Wan names and quantized block
 weights (as city96 / QuantStack publish them; the A14B experts as a
 `HighNoise/...-HighNoise-<quant>.gguf` and `LowNoise/...-LowNoise-<quant>.gguf`
 pair), a umT5 GGUF with llama.cpp names and a SentencePiece tokenizer in its
-metadata, and a Wan2.1 or Wan2.2 VAE safetensors with the original names.
+metadata, a Wan2.1 or Wan2.2 VAE safetensors with the original names, and
+for Wan2.1 I2V a CLIP vision encoder in `clip_vision_h.safetensors`'s layout.
 Running it twice writes byte-identical files; the Wan2.1 T2V set is the
 embedded default.
 """
@@ -28,11 +29,12 @@ TINY_T5 = dict(dim=64, heads=4, head_dim=16, ffn_dim=128, num_layers=2)
 TINY_DEFAULTS = dict(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=5.0, fps=16, sampler="unipc")
 FAMILY_DEFAULTS = {
     "wan2.1-t2v": TINY_DEFAULTS,
+    "wan2.1-i2v": TINY_DEFAULTS,
     "wan2.2-t2v-a14b": TINY_DEFAULTS | dict(guidance=4.0, guidance_2=3.0, shift=12.0, boundary=0.875),
     "wan2.2-i2v-a14b": TINY_DEFAULTS | dict(guidance=3.5, guidance_2=3.5, boundary=0.9),
     "wan2.2-ti2v-5b": TINY_DEFAULTS | dict(fps=24),
 }
-DIT_CHANNELS = {"wan2.1-t2v": (16, 16), "wan2.2-t2v-a14b": (16, 16), "wan2.2-i2v-a14b": (36, 16),
+DIT_CHANNELS = {"wan2.1-t2v": (16, 16), "wan2.1-i2v": (36, 16), "wan2.2-t2v-a14b": (16, 16), "wan2.2-i2v-a14b": (36, 16),
                 "wan2.2-ti2v-5b": (48, 48)}
 FAMILIES = tuple(FAMILY_DEFAULTS)
 QUANTS = ("F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
@@ -43,6 +45,9 @@ def file_names(quant: str, family: str = "wan2.1-t2v") -> dict[str, str]:
     text = {"text_encoder": f"umt5-tiny-encoder-{quant}.gguf"}
     if family == "wan2.1-t2v":
         return {"dit": f"wan2.1-t2v-tiny-{quant}.gguf", **text, "vae": "wan_2.1_vae_tiny.safetensors"}
+    if family == "wan2.1-i2v":
+        return {"dit": f"wan2.1-i2v-14b-480p-tiny-{quant}.gguf", **text, "vae": "wan_2.1_vae_tiny.safetensors",
+                "image_encoder": "clip_vision_h_tiny.safetensors"}
     if family in ("wan2.2-t2v-a14b", "wan2.2-i2v-a14b"):
         stem = "Wan2.2-T2V-A14B" if family == "wan2.2-t2v-a14b" else "Wan2.2-I2V-A14B"
         return {"dit_high": f"HighNoise/{stem}-tiny-HighNoise-{quant}.gguf",
@@ -80,6 +85,7 @@ def _is_norm_weight(name: str) -> bool:
 
 def make_tiny_model(directory: str | Path, quant: str = "Q8_0", family: str = "wan2.1-t2v") -> dict[str, Path]:
     """Write the tiny model set of `family` into `directory`; returns the path of each file by role."""
+    from engine.wan.convert.clip import TINY_CLIP_CONFIG, tiny_clip_vision_state_dict, write_clip_vision_safetensors
     from engine.wan.convert.dit import write_dit_gguf
     from engine.wan.convert.t5 import train_tiny_tokenizer, write_umt5_gguf
     from engine.wan.convert.vae import tiny_vae_state_dict, write_vae_safetensors
@@ -104,7 +110,9 @@ def make_tiny_model(directory: str | Path, quant: str = "Q8_0", family: str = "w
     write_umt5_gguf(random_state_dict(t5, generator), proto, paths["text_encoder"], quant=quant)
 
     in_dim, out_dim = DIT_CHANNELS[family]
-    dit_config = WanConfig(text_dim=t5_config.dim, **(TINY_DIT | dict(in_dim=in_dim, out_dim=out_dim)))
+    image_dim = TINY_CLIP_CONFIG.hidden_size if "image_encoder" in paths else None
+    dit_config = WanConfig(text_dim=t5_config.dim, image_dim=image_dim,
+                           **(TINY_DIT | dict(in_dim=in_dim, out_dim=out_dim)))
     with torch.device("meta"):
         dit = WanModel(dit_config)
     metadata = {
@@ -115,6 +123,9 @@ def make_tiny_model(directory: str | Path, quant: str = "Q8_0", family: str = "w
         if role in paths:
             write_dit_gguf(random_state_dict(dit, generator), paths[role], quant=quant, metadata=metadata)
 
+    if "image_encoder" in paths:
+        write_clip_vision_safetensors(tiny_clip_vision_state_dict(SEED), paths["image_encoder"],
+                                      num_heads=TINY_CLIP_CONFIG.num_heads)
     if family == "wan2.2-ti2v-5b":
         write_tiny_vae22(paths["vae"], SEED)
     else:

@@ -106,9 +106,10 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--dit-low", help="Wan2.2 A14B low-noise expert GGUF (with --dit-high, instead of --model)")
     p.add_argument("--text-encoder", help="umT5 encoder, GGUF or safetensors (instead of --model)")
     p.add_argument("--vae", help="Wan VAE (2.1 or 2.2), safetensors or GGUF (instead of --model)")
+    p.add_argument("--image-encoder", help="CLIP vision encoder, clip_vision_h.safetensors (Wan2.1 I2V; instead of --model)")
     p.add_argument("--tokenizer", help="SentencePiece .model (for a safetensors text encoder)")
     p.add_argument("--family", default=None,
-                   help="the model family when the files alone cannot tell (wan2.1-t2v, wan2.2-t2v-a14b, "
+                   help="the model family when the files alone cannot tell (wan2.1-t2v, wan2.1-i2v, wan2.2-t2v-a14b, "
                         "wan2.2-i2v-a14b, wan2.2-ti2v-5b); default: recognised from the files")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -133,7 +134,7 @@ def add_param_args(p: argparse.ArgumentParser) -> None:
 
 def model_files(args) -> dict[str, str]:
     """The model files the arguments name, by role; {} when --model names a directory."""
-    roles = ("dit", "dit_high", "dit_low", "text_encoder", "vae", "tokenizer")
+    roles = ("dit", "dit_high", "dit_low", "text_encoder", "vae", "image_encoder", "tokenizer")
     return {role: getattr(args, role) for role in roles if getattr(args, role, None)}
 
 

@@ -327,7 +327,7 @@ def test_render_refuses_a_negative_seed_in_one_line_before_loading_the_model(tin
 # --- families: the tiny model of each, recognised from the files; Wan2.2 renders ---------------
 
 
-FAMILY_FPS = {"wan2.1-t2v": 16, "wan2.2-t2v-a14b": 16, "wan2.2-i2v-a14b": 16, "wan2.2-ti2v-5b": 24}
+FAMILY_FPS = {"wan2.1-t2v": 16, "wan2.1-i2v": 16, "wan2.2-t2v-a14b": 16, "wan2.2-i2v-a14b": 16, "wan2.2-ti2v-5b": 24}
 
 
 @pytest.fixture(scope="module")
@@ -348,7 +348,7 @@ def rendered(out: str, video: Path, family: str) -> tuple[int, int, int, int, st
     return (*map(int, numbers), sha)
 
 
-def test_families_are_the_four_reelray_renders():
+def test_families_are_the_ones_reelray_renders():
     assert set(FAMILIES) == set(REELRAY_FAMILIES) == set(FAMILY_FPS)
 
 
@@ -371,6 +371,8 @@ def test_make_tiny_model_family_writes_files_recognised_as_that_family(tmp_path,
         assert set(models.files) == {"dit_high", "dit_low", "text_encoder", "vae"}
         assert models.files["dit_high"].parent == model / "HighNoise" and "HighNoise" in models.files["dit_high"].name
         assert models.files["dit_low"].parent == model / "LowNoise" and "LowNoise" in models.files["dit_low"].name
+    elif family == "wan2.1-i2v":
+        assert set(models.files) == {"dit", "text_encoder", "vae", "image_encoder"}
     else:
         assert set(models.files) == {"dit", "text_encoder", "vae"}
     # The tiny model's own defaults: small enough to render in a moment.
@@ -389,7 +391,8 @@ def test_make_tiny_model_family_writes_files_recognised_as_that_family(tmp_path,
     ("wan2.2-i2v-a14b", True, []),
     ("wan2.2-ti2v-5b", False, []),
     ("wan2.2-ti2v-5b", True, []),
-], ids=["t2v-a14b", "t2v-a14b-expert-flags", "i2v-a14b-image", "ti2v-5b", "ti2v-5b-image"])
+    ("wan2.1-i2v", True, []),
+], ids=["t2v-a14b", "t2v-a14b-expert-flags", "i2v-a14b-image", "ti2v-5b", "ti2v-5b-image", "wan21-i2v-image"])
 def test_render_a_wan22_family_through_the_cli(family_models, tmp_path, capsys, family, image, args):
     model = family_models[family]
     video = tmp_path / "clip.mp4"

@@ -28,6 +28,8 @@ def tiny_sets(tmp_path_factory):
     ("wan2.2-t2v-a14b", "dit_low", "Wan2.2 T2V-A14B low-noise expert"),
     ("wan2.2-i2v-a14b", "dit_high", "Wan2.2 I2V-A14B high-noise expert"),
     ("wan2.2-ti2v-5b", "dit", "Wan2.2 TI2V-5B"),
+    ("wan2.1-i2v", "dit", "Wan2.1 I2V"),
+    ("wan2.1-i2v", "image_encoder", "CLIP vision encoder (the image encoder of Wan2.1 I2V)"),
     ("wan2.1-t2v", "vae", "Wan2.1 VAE"),
     ("wan2.2-ti2v-5b", "vae", "Wan2.2 VAE"),
 ])

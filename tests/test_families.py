@@ -112,10 +112,11 @@ def test_family_restricts_recognition(sets):
 
 
 def test_foreign_names_are_the_other_families_parameters_and_inputs():
-    assert foreign_names(get_family("wan2.1-t2v")) == {"guidance_2", "boundary", "image"}
-    assert foreign_names(get_family("wan2.2-t2v-a14b")) == {"image"}
-    assert foreign_names(get_family("wan2.2-ti2v-5b")) == {"guidance_2", "boundary"}
-    assert foreign_names(get_family("wan2.2-i2v-a14b")) == set()
+    assert foreign_names(get_family("wan2.1-t2v")) == {"guidance_2", "boundary", "image", "area"}
+    assert foreign_names(get_family("wan2.1-i2v")) == {"guidance_2", "boundary"}
+    assert foreign_names(get_family("wan2.2-t2v-a14b")) == {"image", "area"}
+    assert foreign_names(get_family("wan2.2-ti2v-5b")) == {"guidance_2", "boundary", "area"}
+    assert foreign_names(get_family("wan2.2-i2v-a14b")) == {"area"}
 
 
 def test_the_driver_reads_image_jobs_and_checks_each_image_once(sets, tmp_path):
@@ -160,3 +161,22 @@ def test_image_families_size_the_video_from_the_image_unless_the_job_gives_one()
     assert wan22_ti2v_5b.output_size(ti2v.defaults(), None) == (704, 1280)  # text to video
     assert wan22_ti2v_5b.output_size(ti2v.defaults(), (600, 1000)) == (736, 1216)  # best_output_size at 1280x704
     assert wan22_ti2v_5b.output_size(ti2v.params(width=320, height=192), (600, 1000)) == (192, 320)
+
+
+def test_wan21_i2v_needs_its_image_encoder_and_sizes_by_its_file(sets, tmp_path):
+    paths = sets["wan2.1-i2v"]
+    models = ModelSet.from_dir(paths["dit"].parent)
+    assert models.files["image_encoder"].name == "clip_vision_h_tiny.safetensors"
+    assert models.spec.negative_prompt.startswith("镜头晃动，")  # official wan_i2v_14B.sample_neg_prompt
+    directory = copy_set(paths, ("dit", "text_encoder", "vae"), tmp_path / "no-clip")
+    with pytest.raises(ModelSetError, match="needs its CLIP image encoder"):
+        ModelSet.from_dir(directory)
+    # the 720P file sizes videos from 1280x720's area, the 480P one from 832x480's (the tiny file's
+    # own defaults leave `area` to the family)
+    shutil.copy(paths["image_encoder"], directory)
+    shutil.copy(paths["dit"], directory / "wan2.1-i2v-14b-720p-Q8_0.gguf")
+    (directory / paths["dit"].name).unlink()
+    assert ModelSet.from_dir(directory).spec.defaults().area == 1280 * 720
+    assert models.spec.defaults().area == 832 * 480
+    # a Wan2.2 I2V-A14B expert pair is not taken for Wan2.1 I2V (no image branch), nor the reverse
+    assert ModelSet.from_dir(sets["wan2.2-i2v-a14b"]["text_encoder"].parent).family == "wan2.2-i2v-a14b"

@@ -353,9 +353,10 @@ def test_an_image_to_video_expert_pair_family_renders_its_manifest_end_to_end(ra
     assert df.loc[("a fox", 0, sha[a]), "frames_sha256"] != df.loc[("a fox", 0, sha[b]), "frames_sha256"]
 
 
-@pytest.mark.parametrize("family", ["wan2.2-t2v-a14b", "wan2.2-ti2v-5b"])
-def test_the_other_wan22_families_render_their_manifests_end_to_end(ray_session, tmp_path, family):
-    """T2V-A14B with a sweep over its expert parameters; TI2V-5B with and without an image."""
+@pytest.mark.parametrize("family", ["wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.1-i2v"])
+def test_the_other_families_render_their_manifests_end_to_end(ray_session, tmp_path, family):
+    """T2V-A14B with a sweep over its expert parameters; TI2V-5B with and without an image;
+    Wan2.1 I2V (CLIP image encoder) from an image at two seeds."""
     from engine.model_set import ModelSet
     from engine.render import Engine
     from engine.tiny import make_tiny_model
@@ -365,9 +366,12 @@ def test_the_other_wan22_families_render_their_manifests_end_to_end(ray_session,
     if family == "wan2.2-t2v-a14b":
         rows = {"prompt": ["a fox"] * 3, "seed": [0, 0, 0], "boundary": [None, 0.95, None],
                 "guidance_2": [None, None, 1.5]}
-    else:
+    elif family == "wan2.2-ti2v-5b":
         image = write_png(tmp_path / "first.png")
         rows = {"prompt": ["a fox", "a fox"], "seed": [0, 0], "image": [None, "first.png"]}
+    else:
+        image = write_png(tmp_path / "first.png")
+        rows = {"prompt": ["a fox", "a fox"], "seed": [0, 1], "image": ["first.png", "first.png"]}
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     report = run(run_config(model, manifest, out, actors=1), stream=io.StringIO())
@@ -381,12 +385,15 @@ def test_the_other_wan22_families_render_their_manifests_end_to_end(ray_session,
     engine = Engine(models)
     for _, row in df.iterrows():
         params = models.spec.params(**{name: row[name] for name in models.spec.param_names})
-        inputs = {"image": str(image)} if family == "wan2.2-ti2v-5b" and row["row"] == 1 else {}
+        inputs = {"image": str(image)} if isinstance(row.get("image"), str) else {}
         assert engine.render(row["prompt"], int(row["seed"]), params, inputs=inputs).frames_sha256 == row["frames_sha256"]
     if family == "wan2.2-t2v-a14b":
         assert list(df["boundary"]) == [0.875, 0.95, 0.875] and list(df["guidance_2"]) == [3.0, 3.0, 1.5]
-    else:
+    elif family == "wan2.2-ti2v-5b":
         assert df["image_sha256"].isna().tolist() == [True, False]
+    else:
+        assert df["image_sha256"].nunique() == 1 and list(df["area"]) == [832 * 480] * 2
+        assert set(df["negative_prompt"]) == {models.spec.negative_prompt}
 
 
 def test_failed_rows_of_an_output_from_before_families_are_read_and_compacted(tmp_path):

@@ -6,13 +6,14 @@ this table. Nothing in `jobs/`, `pipeline/` or the other families changes.
 """
 from __future__ import annotations
 
-from engine.families import wan21_t2v, wan22_i2v_a14b, wan22_t2v_a14b, wan22_ti2v_5b
+from engine.families import wan21_i2v, wan21_t2v, wan22_i2v_a14b, wan22_t2v_a14b, wan22_ti2v_5b
 from engine.families.base import Family, ModelSetError, RenderError
 
 FAMILIES: dict[str, Family] = {
     family.spec.name: family
     for family in (
         wan21_t2v.FAMILY,
+        wan21_i2v.FAMILY,
         wan22_t2v_a14b.FAMILY,
         wan22_i2v_a14b.FAMILY,
         wan22_ti2v_5b.FAMILY,

@@ -82,6 +82,8 @@ class Family:
     recognise: Callable[[list[DitFile], list[VaeFile]], dict[str, Path] | None]
     pipeline: Callable[..., Pipeline]  # (files: {role: Path}, device, dtype, policy) -> Pipeline
     files_hint: str  # what a user downloads, for error messages and docs
+    # Defaults that depend on which published file this is (Wan2.1 I2V 480P / 720P): DiT path -> {name: value}
+    file_defaults: Callable[[Path], dict] | None = None
 
 
 def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:

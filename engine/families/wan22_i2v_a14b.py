@@ -50,18 +50,20 @@ SPEC = FamilySpec(
 
 
 def recognise(dits: list[DitFile], vaes: list[VaeFile]) -> dict[str, Path] | None:
-    return expert_pair(dits, vaes, lambda d: d.config.in_dim == 36 and d.config.out_dim == 16, 16, SPEC.title)
+    return expert_pair(dits, vaes, lambda d: d.config.in_dim == 36 and d.config.out_dim == 16
+                       and d.config.image_dim is None, 16, SPEC.title)
 
 
-def output_size(params: RenderParams, image_height: int, image_width: int) -> tuple[int, int]:
-    """(height, width): the job's, or the official rule's from the image when the job gives 0x0."""
+def output_size(params: RenderParams, image_height: int, image_width: int, area: int = AREA) -> tuple[int, int]:
+    """(height, width): the job's, or the official rule's from the image (at `area` pixels) when the
+    job gives 0x0. The Wan2.1 I2V family sizes its videos by the same rule."""
     from engine.image import i2v_a14b_output_size
 
     if params.width and params.height:
         return params.height, params.width
     if params.width or params.height:
         raise RenderError(f"width {params.width}, height {params.height}: give both, or neither (0: from the image)")
-    return i2v_a14b_output_size(image_height, image_width, AREA, VAE_STRIDE[1], PATCH)
+    return i2v_a14b_output_size(image_height, image_width, area, VAE_STRIDE[1], PATCH)
 
 
 def first_frame_mask(frames: int, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
