@@ -29,7 +29,7 @@ TINY_T5 = dict(dim=64, heads=4, head_dim=16, ffn_dim=128, num_layers=2)
 TINY_DEFAULTS = dict(width=64, height=64, frames=9, steps=4, guidance=5.0, shift=5.0, fps=16, sampler="unipc")
 FAMILY_DEFAULTS = {
     "wan2.1-t2v": TINY_DEFAULTS,
-    "wan2.1-i2v": TINY_DEFAULTS,
+    "wan2.1-i2v": TINY_DEFAULTS | dict(shift=3.0),  # the 480P file's shift
     "wan2.2-t2v-a14b": TINY_DEFAULTS | dict(guidance=4.0, guidance_2=3.0, shift=12.0, boundary=0.875),
     "wan2.2-i2v-a14b": TINY_DEFAULTS | dict(guidance=3.5, guidance_2=3.5, boundary=0.9),
     "wan2.2-ti2v-5b": TINY_DEFAULTS | dict(fps=24),
@@ -121,7 +121,11 @@ def make_tiny_model(directory: str | Path, quant: str = "Q8_0", family: str = "w
     }
     for role in ("dit", "dit_high", "dit_low"):  # the high-noise expert drawn before the low-noise one
         if role in paths:
-            write_dit_gguf(random_state_dict(dit, generator), paths[role], quant=quant, metadata=metadata)
+            state = random_state_dict(dit, generator)
+            for name in state:
+                if ".k_img." in name:  # sharper attention over the image tokens: frames follow the image
+                    state[name] = 4 * state[name]
+            write_dit_gguf(state, paths[role], quant=quant, metadata=metadata)
 
     if "image_encoder" in paths:
         write_clip_vision_safetensors(tiny_clip_vision_state_dict(SEED), paths["image_encoder"],

@@ -177,6 +177,13 @@ def test_wan21_i2v_needs_its_image_encoder_and_sizes_by_its_file(sets, tmp_path)
     shutil.copy(paths["dit"], directory / "wan2.1-i2v-14b-720p-Q8_0.gguf")
     (directory / paths["dit"].name).unlink()
     assert ModelSet.from_dir(directory).spec.defaults().area == 1280 * 720
-    assert models.spec.defaults().area == 832 * 480
+    assert (models.spec.defaults().area, models.spec.defaults().shift) == (832 * 480, 3.0)
+    # official generate.py: shift 3.0 for i2v at 832*480, 5.0 otherwise (the tiny file's metadata
+    # carries its own shift, so the rule is checked on the family's declaration)
+    from engine.families import wan21_i2v
+
+    assert wan21_i2v.SPEC.defaults().shift == 3.0
+    assert wan21_i2v.file_defaults(Path("wan2.1-i2v-14b-720P-Q8_0.gguf")) == {"area": 1280 * 720, "shift": 5.0}
+    assert wan21_i2v.file_defaults(Path("wan2.1-i2v-14b-480p-Q8_0.gguf")) == {}
     # a Wan2.2 I2V-A14B expert pair is not taken for Wan2.1 I2V (no image branch), nor the reverse
     assert ModelSet.from_dir(sets["wan2.2-i2v-a14b"]["text_encoder"].parent).family == "wan2.2-i2v-a14b"

@@ -40,7 +40,7 @@ def test_wan21_t2v_defaults_are_the_official_ones():
     ("wan2.2-i2v-a14b", dict(width=0, height=0, frames=81, steps=40, guidance=3.5, guidance_2=3.5,
                              boundary=0.9, shift=5.0, fps=16)),
     ("wan2.2-ti2v-5b", dict(width=0, height=0, frames=121, steps=50, guidance=5.0, shift=5.0, fps=24)),
-    ("wan2.1-i2v", dict(width=0, height=0, frames=81, steps=40, guidance=5.0, shift=5.0, fps=16, area=832 * 480)),
+    ("wan2.1-i2v", dict(width=0, height=0, frames=81, steps=40, guidance=5.0, shift=3.0, fps=16, area=832 * 480)),
 ])
 def test_wan22_defaults_are_the_official_ones(name, expected):
     defaults = FAMILIES[name].spec.defaults()

@@ -7,8 +7,8 @@ channels (16 noise, 4 first-frame mask, 16 image latent, as Wan2.2 I2V-A14B)
 and, through its `img_emb` branch, the CLIP features of the image: 257 tokens
 placed before the text context.
 Official Wan2.1 `wan/configs/wan_i2v_14B.py`, `wan/image2video.py`, `generate.py`:
-40 steps, guidance 5.0, shift 5.0 (the official README suggests 3.0 for 480P),
-81 frames at 16 fps, the negative prompt prefixed with "镜头晃动，" (camera shake);
+40 steps, guidance 5.0, shift 3.0 for the 480P file and 5.0 for the 720P one
+(`generate.py` `_validate_args`), 81 frames at 16 fps, the negative prompt prefixed with "镜头晃动，" (camera shake);
 the size follows the image's aspect ratio at 832x480's area for the 480P file
 and 1280x720's for the 720P file (`area`), unless the job gives one.
 """
@@ -38,7 +38,7 @@ SPEC = FamilySpec(
         frames_param(81),
         steps_param(40),
         guidance_param("guidance", 5.0),
-        shift_param(5.0),
+        shift_param(3.0),  # the 480P file's; the 720P file's is 5.0 (file_defaults)
         fps_param(16),
         sampler_param("unipc"),
         ParamSpec("area", "int", AREA_480P, low=256, high=4096 * 4096,
@@ -56,8 +56,9 @@ def recognise(dits: list[DitFile], vaes: list[VaeFile]) -> dict[str, Path] | Non
 
 
 def file_defaults(dit: Path) -> dict:
-    """The 720P file (`...-720p-...gguf`) sizes videos from 1280x720's area, the 480P one from 832x480's."""
-    return {"area": AREA_720P} if "720p" in dit.name.lower() else {}
+    """The 720P file (`...-720p-...gguf`) renders at 1280x720's area with shift 5.0; the 480P one at
+    832x480's with shift 3.0 (official `generate.py`: shift 3.0 for i2v at 832*480)."""
+    return {"area": AREA_720P, "shift": 5.0} if "720p" in dit.name.lower() else {}
 
 
 class Wan21I2V:
