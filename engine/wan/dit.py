@@ -1,13 +1,15 @@
 """The Wan diffusion transformer (DiT), as wan/modules/model.py of Wan2.1 and Wan2.2 defines it.
 
-One model for every variant without VACE blocks: Wan2.1 T2V, the Wan2.2 A14B
-experts (T2V 16 -> 16 channels; I2V 36 -> 16, the caller concatenating
-[noise 16; mask 4; image latent 16] along channels), Wan2.2 TI2V-5B (48 -> 48,
-one timestep per token so the image's first frame can sit at t = 0), and Wan2.1
-I2V-14B (36 -> 16 as I2V-A14B, plus an image branch: `img_emb` maps the 257
-CLIP image tokens into the context, and each cross-attention attends to them
-with its own `k_img` / `v_img`). Files of VACE (`vace_blocks`) and Wan2.1
-FLF2V (`img_emb.emb_pos`) are recognised and refused.
+One model for every variant: Wan2.1 T2V, the Wan2.2 A14B experts (T2V 16 -> 16
+channels; I2V 36 -> 16, the caller concatenating [noise 16; mask 4; image
+latent 16] along channels), Wan2.2 TI2V-5B (48 -> 48, one timestep per token
+so the image's first frame can sit at t = 0), Wan2.1 I2V-14B (36 -> 16 as
+I2V-A14B, plus an image branch: `img_emb` maps the 257 CLIP image tokens into
+the context, and each cross-attention attends to them with its own `k_img` /
+`v_img`), and VACE (Wan2.1 VACE 1.3B / 14B, the Wan2.2 VACE-Fun A14B experts:
+a T2V model plus `vace_blocks` that turn a 96-channel conditioning latent into
+hints added to the main blocks' outputs). Wan2.1 FLF2V files
+(`img_emb.emb_pos`) are recognised and refused.
 
 Module attribute names equal the names of the original checkpoint
 (`blocks.N.self_attn.q.weight`, `head.modulation`, ...), which are also the
@@ -62,6 +64,10 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     image_dim: int | None = None  # width of the CLIP image tokens (1280) for Wan2.1 I2V; None: no image branch
+    # VACE: the main blocks after which the VACE hints are added (hint k after block vace_layers[k]),
+    # and the channels of the conditioning latent (96); None: not a VACE model.
+    vace_layers: tuple[int, ...] | None = None
+    vace_in_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -81,12 +87,19 @@ WAN_CONFIGS: dict[str, WanConfig] = {
     "t2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16, **_SHARED),
     "i2v-A14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, out_dim=16, **_SHARED),
     "ti2v-5B": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48, **_SHARED),
+    # Wan2.1 VACE (official wan/configs/wan_t2v_*.py + vace_layers); the Wan2.2 VACE-Fun A14B
+    # experts have the shapes of Wan2.1 VACE-14B.
+    "vace-1.3B": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16,
+                           vace_layers=tuple(range(0, 30, 2)), vace_in_dim=96, **_SHARED),
+    "vace-14B": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16,
+                          vace_layers=tuple(range(0, 40, 5)), vace_in_dim=96, **_SHARED),
 }
 
 HEAD_DIM = 128  # every published Wan DiT
 IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches and the class token (Wan2.1 I2V)
 HEAD_COUNT_KEY = "wan.attention.head_count"  # only tiny test models carry it
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
+_VACE_BLOCK = re.compile(r"vace_blocks\.(\d+)\.")
 
 
 def config_name(cfg: WanConfig) -> str | None:
@@ -121,31 +134,47 @@ def expected_shapes(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
         shapes["img_emb.proj.3.weight"] = (d, c)
         shapes["img_emb.proj.3.bias"] = (d,)
     for i in range(cfg.num_layers):
-        p = f"blocks.{i}."
-        for attn in ("self_attn", "cross_attn"):
-            for proj in ("q", "k", "v", "o"):
-                shapes[f"{p}{attn}.{proj}.weight"] = (d, d)
-                shapes[f"{p}{attn}.{proj}.bias"] = (d,)
-            if cfg.qk_norm:
-                shapes[f"{p}{attn}.norm_q.weight"] = (d,)
-                shapes[f"{p}{attn}.norm_k.weight"] = (d,)
-        if cfg.image_dim is not None:
-            for proj in ("k_img", "v_img"):
-                shapes[f"{p}cross_attn.{proj}.weight"] = (d, d)
-                shapes[f"{p}cross_attn.{proj}.bias"] = (d,)
-            if cfg.qk_norm:
-                shapes[f"{p}cross_attn.norm_k_img.weight"] = (d,)
-        if cfg.cross_attn_norm:
-            shapes[f"{p}norm3.weight"] = (d,)
-            shapes[f"{p}norm3.bias"] = (d,)
-        shapes[f"{p}ffn.0.weight"] = (cfg.ffn_dim, d)
-        shapes[f"{p}ffn.0.bias"] = (cfg.ffn_dim,)
-        shapes[f"{p}ffn.2.weight"] = (d, cfg.ffn_dim)
-        shapes[f"{p}ffn.2.bias"] = (d,)
-        shapes[f"{p}modulation"] = (1, 6, d)
+        shapes.update(_block_shapes(cfg, f"blocks.{i}."))
+    if cfg.vace_layers is not None:
+        shapes["vace_patch_embedding.weight"] = (d, cfg.vace_in_dim, pt, ph, pw)
+        shapes["vace_patch_embedding.bias"] = (d,)
+        for k in range(len(cfg.vace_layers)):
+            p = f"vace_blocks.{k}."
+            shapes.update(_block_shapes(cfg, p))
+            for proj in ("before_proj", "after_proj") if k == 0 else ("after_proj",):
+                shapes[f"{p}{proj}.weight"] = (d, d)
+                shapes[f"{p}{proj}.bias"] = (d,)
     shapes["head.head.weight"] = (cfg.out_dim * pt * ph * pw, d)
     shapes["head.head.bias"] = (cfg.out_dim * pt * ph * pw,)
     shapes["head.modulation"] = (1, 2, d)
+    return shapes
+
+
+def _block_shapes(cfg: WanConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors of one transformer block whose names start with `p`."""
+    d = cfg.dim
+    shapes: dict[str, tuple[int, ...]] = {}
+    for attn in ("self_attn", "cross_attn"):
+        for proj in ("q", "k", "v", "o"):
+            shapes[f"{p}{attn}.{proj}.weight"] = (d, d)
+            shapes[f"{p}{attn}.{proj}.bias"] = (d,)
+        if cfg.qk_norm:
+            shapes[f"{p}{attn}.norm_q.weight"] = (d,)
+            shapes[f"{p}{attn}.norm_k.weight"] = (d,)
+    if cfg.image_dim is not None:
+        for proj in ("k_img", "v_img"):
+            shapes[f"{p}cross_attn.{proj}.weight"] = (d, d)
+            shapes[f"{p}cross_attn.{proj}.bias"] = (d,)
+        if cfg.qk_norm:
+            shapes[f"{p}cross_attn.norm_k_img.weight"] = (d,)
+    if cfg.cross_attn_norm:
+        shapes[f"{p}norm3.weight"] = (d,)
+        shapes[f"{p}norm3.bias"] = (d,)
+    shapes[f"{p}ffn.0.weight"] = (cfg.ffn_dim, d)
+    shapes[f"{p}ffn.0.bias"] = (cfg.ffn_dim,)
+    shapes[f"{p}ffn.2.weight"] = (d, cfg.ffn_dim)
+    shapes[f"{p}ffn.2.bias"] = (d,)
+    shapes[f"{p}modulation"] = (1, 6, d)
     return shapes
 
 
@@ -160,7 +189,6 @@ def _squeeze_leading(shape: tuple[int, ...]) -> tuple[int, ...]:
 # (Wan2.1 FLF2V files are Wan2.1 I2V models given two images: the same branch plus
 # a position embedding over the 2 x 257 image tokens).
 UNSUPPORTED_VARIANTS = {
-    "VACE": ("vace_patch_embedding.", "vace_blocks."),
     "Wan2.1 FLF2V": ("img_emb.emb_pos",),
 }
 # Name parts of the Wan2.1 I2V image branch (`img_emb`, and per block `cross_attn.k_img` ...).
@@ -174,9 +202,13 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, A
     unless `metadata` has `wan.attention.head_count` (tiny test models).
     A file with any tensor of the image branch (`img_emb.*`,
     `blocks.N.cross_attn.k_img` ...) is a Wan2.1 I2V model and must have all of
-    it; `image_dim` is the input width of `img_emb.proj.1`. Checks every tensor
-    the model needs; raises `ModelConfigError` naming the first one missing or
-    mis-shaped, or the variant (VACE, Wan2.1 FLF2V) that is not supported yet.
+    it; `image_dim` is the input width of `img_emb.proj.1`. A file with
+    `vace_blocks.K` is a VACE model: the files do not say after which main
+    blocks the K hints go, so they are spread evenly, block i x (layers // K)
+    (1.3B: 30 layers, 15 VACE blocks -> 0, 2, ..., 28; 14B and VACE-Fun A14B:
+    40 and 8 -> 0, 5, ..., 35, the official `vace_layers`). Checks every
+    tensor the model needs; raises `ModelConfigError` naming the first one
+    missing or mis-shaped, or the variant (Wan2.1 FLF2V) that is not supported yet.
     """
     shapes = {name: tuple(int(s) for s in shape) for name, shape in shapes.items()}
     for variant, parts in UNSUPPORTED_VARIANTS.items():
@@ -208,6 +240,18 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, A
     image_dim = None
     if any(part in name for name in shapes for part in _IMAGE_BRANCH):
         image_dim = need("img_emb.proj.1.weight", 2)[1]
+    vace_layers = vace_in_dim = None
+    vace_blocks = sorted({int(m.group(1)) for name in shapes if (m := _VACE_BLOCK.match(name))})
+    if vace_blocks or "vace_patch_embedding.weight" in shapes:
+        if vace_blocks != list(range(len(vace_blocks))):
+            gap = next(i for i, b in enumerate(vace_blocks) if i != b)
+            raise ModelConfigError(f"VACE block indices run to {vace_blocks[-1]} but 'vace_blocks.{gap}.*' is missing")
+        if not vace_blocks or len(vace_blocks) > num_layers:
+            raise ModelConfigError(f"a VACE DiT with {len(vace_blocks)} VACE blocks ('vace_blocks.N.*') for "
+                                   f"{num_layers} main blocks: expected between 1 and {num_layers}")
+        step = num_layers // len(vace_blocks)
+        vace_layers = tuple(range(0, step * len(vace_blocks), step))
+        vace_in_dim = need("vace_patch_embedding.weight", 5)[1]
 
     head_count = (metadata or {}).get(HEAD_COUNT_KEY)
     if head_count is not None:
@@ -230,6 +274,7 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, A
         patch_size=patch_size, eps=1e-6,
         qk_norm="blocks.0.self_attn.norm_q.weight" in shapes,
         cross_attn_norm="blocks.0.norm3.weight" in shapes, image_dim=image_dim,
+        vace_layers=vace_layers, vace_in_dim=vace_in_dim,
     )
     for name, shape in expected_shapes(cfg).items():
         if name not in shapes:
@@ -431,6 +476,18 @@ class WanAttentionBlock(nn.Module):
         return x
 
 
+class VaceBlock(WanAttentionBlock):
+    """A VACE block (official VaceWanAttentionBlock): a full Wan block over the conditioning
+    stream c; block 0 first adds `before_proj(c)` to the embedded video tokens, and every
+    block's `after_proj` of its output is the hint for one main block."""
+
+    def __init__(self, cfg: WanConfig, first: bool):
+        super().__init__(cfg)
+        if first:
+            self.before_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.after_proj = nn.Linear(cfg.dim, cfg.dim)
+
+
 class Head(nn.Module):
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -485,6 +542,10 @@ class WanModel(nn.Module):
         if cfg.image_dim is not None:
             self.img_emb = MLPProj(cfg.image_dim, dim)
         self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        if cfg.vace_layers is not None:
+            self.vace_patch_embedding = nn.Conv3d(cfg.vace_in_dim, dim, kernel_size=cfg.patch_size,
+                                                  stride=cfg.patch_size)
+            self.vace_blocks = nn.ModuleList(VaceBlock(cfg, first=k == 0) for k in range(len(cfg.vace_layers)))
         self.head = Head(cfg)
         # RoPE tables, built on first use per (grid, device): not buffers, so the
         # model can be built on the meta device and filled from a file.
@@ -532,10 +593,13 @@ class WanModel(nn.Module):
         return torch.cat([self.img_emb(clip_features, dtype), context], dim=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                clip_features: torch.Tensor | None = None) -> torch.Tensor:
+                clip_features: torch.Tensor | None = None, vace_context: torch.Tensor | None = None,
+                context_scale: float = 1.0) -> torch.Tensor:
         """x [B, in_dim, F, H, W], t [B] or [B, f*h*w] (one per patch token, in (frame, row, column) order),
         context [B, <=text_len, text_dim], clip_features [B, 257, image_dim] (Wan2.1 I2V only: the
-        CLIP ViT-H/14 penultimate-layer tokens of the image) -> velocity [B, out_dim, F, H, W] float32."""
+        CLIP ViT-H/14 penultimate-layer tokens of the image), vace_context [B, vace_in_dim, F, H, W]
+        (VACE only: the conditioning latent, its hints scaled by `context_scale`)
+        -> velocity [B, out_dim, F, H, W] float32."""
         cfg = self.config
         batch, channels, frames, height, width = x.shape
         pt, ph, pw = cfg.patch_size
@@ -555,6 +619,14 @@ class WanModel(nn.Module):
             if clip_features.ndim != 3 or clip_features.shape[0] != batch or clip_features.shape[1] == 0 \
                     or clip_features.shape[2] != cfg.image_dim:
                 raise ValueError(f"clip_features has shape {list(clip_features.shape)}; expected {want}")
+        if cfg.vace_layers is None and vace_context is not None:
+            raise ValueError("vace_context given, but this DiT has no VACE blocks: only VACE models take it")
+        if cfg.vace_layers is not None:
+            want = [batch, cfg.vace_in_dim, frames, height, width]
+            if vace_context is None:
+                raise ValueError(f"this DiT (VACE) needs vace_context {want}, the conditioning latent")
+            if list(vace_context.shape) != want:
+                raise ValueError(f"vace_context has shape {list(vace_context.shape)}; expected {want}")
         grid = (frames // pt, height // ph, width // pw)
         # Time: sinusoid -> MLP -> six modulation vectors per block, all float32.
         e, e0, index = self.embed_time(t.to(x.device), batch, math.prod(grid))
@@ -567,14 +639,41 @@ class WanModel(nn.Module):
         context = self.embed_context(context, clip_features, dtype)
 
         freqs = self.rope(grid, x.device)
-        for block in self.blocks:
-            x = block(x, e0, index, freqs, context)
+        if cfg.vace_layers is None:
+            for block in self.blocks:
+                x = block(x, e0, index, freqs, context)
+        else:
+            x = self.blocks_with_hints(x, e0, index, freqs, context, vace_context, context_scale)
         x = self.head(x, e, index)
 
         # Unpatchify: [B, f*h*w, pt*ph*pw*c] -> [B, c, f*pt, h*ph, w*pw].
         f, h, w = grid
         x = x.view(batch, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(batch, cfg.out_dim, f * pt, h * ph, w * pw)
+
+
+    def blocks_with_hints(self, x: torch.Tensor, e0: torch.Tensor, index: torch.Tensor, freqs: torch.Tensor,
+                          context: torch.Tensor, vace_context: torch.Tensor, context_scale: float) -> torch.Tensor:
+        """The main blocks, main block vace_layers[k] followed by `+ hint_k * context_scale`.
+
+        The official code runs all VACE blocks first and keeps every hint (8 to
+        15 tensors the size of the residual stream). The VACE chain reads the
+        video tokens only at its start, so here VACE block k runs just before its
+        hint is added: the same operations on the same values, holding one
+        conditioning stream and one hint at a time.
+        """
+        dtype = context.dtype
+        c = self.vace_patch_embedding(vace_context.to(dtype)).flatten(2).transpose(1, 2)
+        first = self.vace_blocks[0].before_proj
+        c = (first(c).float() + x).contiguous()  # official: c = before_proj(c) + x, x the embedded video tokens
+        hints = dict(zip(self.config.vace_layers, self.vace_blocks))
+        for i, block in enumerate(self.blocks):
+            x = block(x, e0, index, freqs, context)
+            if i in hints:
+                vace_block = hints[i]
+                c = vace_block(c, e0, index, freqs, context)
+                x = x + vace_block.after_proj(c.to(dtype)).float() * context_scale
+        return x
 
 
 # --- loading --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from engine.gguf.writer import write_gguf
 NEVER_QUANTIZED = ("modulation", "patch_embedding", "text_embedding", "time_projection", "time_embedding",
                    "img_emb", "head")
 _SMALL_TENSOR = 1024  # convert.py QUANTIZATION_THRESHOLD: at most this many elements -> F32
-_BLOCK = re.compile(r"blocks\.\d+\.")  # only weights inside the transformer blocks are quantized
+_BLOCK = re.compile(r"(vace_)?blocks\.\d+\.")  # only weights inside the transformer (and VACE) blocks are quantized
 
 
 def community_qtype(name: str, shape: tuple[int, ...], quant: str | GGMLQuantizationType) -> GGMLQuantizationType:
