@@ -103,6 +103,8 @@ def _describe_dit(info: dict[str, Any], path: Path, shapes: dict, metadata: dict
         "out_dim": config.out_dim,
         "text_dim": config.text_dim,
     }
+    if config.vace_layers is not None:
+        info["config"]["vace_layers"] = list(config.vace_layers)  # inferred from the block counts
     dit = DitFile(path, config, expert_from_name(path))
     found = family_of(dit)
     if found is None:
@@ -162,6 +164,7 @@ def format_description(info: dict[str, Any]) -> str:
             f"  wan config    {config['name'] or 'custom'}: dim {config['dim']}, layers {config['num_layers']}, "
             f"heads {config['num_heads']}, ffn {config['ffn_dim']}, in/out channels {config['in_dim']}/{config['out_dim']}, "
             f"text dim {config['text_dim']}"
+            + (f", VACE hints after blocks {config['vace_layers']}" if "vace_layers" in config else "")
         )
     if info.get("defaults"):
         lines.append("  defaults      " + ", ".join(f"{k} {v}" for k, v in info["defaults"].items()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,10 +147,12 @@ class Engine:
         seed: int,
         params: RenderParams | None = None,
         negative_prompt: str | None = None,
-        inputs: dict[str, str] | None = None,
+        inputs: Mapping[str, str | Sequence[str]] | None = None,
         progress: ProgressFn | None = None,
     ) -> RenderResult:
-        """One job: `inputs` maps the family's input names ("image") to local paths or URIs."""
+        """One job: `inputs` maps the family's input names to local paths or URIs ("image",
+        "control_video"), or to a list of them for a list input ("reference_images"; one string
+        is a one-element list, an empty list none)."""
         if params is None:
             params = self.spec.defaults()
         else:  # checked again here: a RenderParams built by hand bypasses its family's bounds
@@ -166,6 +169,10 @@ class Engine:
         if missing or unknown:
             raise RenderError(f"the {self.spec.title} family needs inputs {list(self.spec.input_names) or 'none'}; "
                               f"missing {missing}, not taken {unknown}")
+        try:  # one path per file input, a list of them for a list input, every `needs` met
+            inputs = self.spec.check_inputs(inputs)
+        except ValueError as exc:
+            raise RenderError(str(exc)) from None
         timings: dict[str, float] = {}
 
         start = time.perf_counter()

@@ -7,7 +7,8 @@ weights (as city96 / QuantStack publish them; the A14B experts as a
 `HighNoise/...-HighNoise-<quant>.gguf` and `LowNoise/...-LowNoise-<quant>.gguf`
 pair), a umT5 GGUF with llama.cpp names and a SentencePiece tokenizer in its
 metadata, a Wan2.1 or Wan2.2 VAE safetensors with the original names, and
-for Wan2.1 I2V a CLIP vision encoder in `clip_vision_h.safetensors`'s layout.
+for Wan2.1 I2V a CLIP vision encoder in `clip_vision_h.safetensors`'s layout;
+the VACE DiTs have VACE blocks.
 Running it twice writes byte-identical files; the Wan2.1 T2V set is the
 embedded default.
 """
@@ -33,9 +34,14 @@ FAMILY_DEFAULTS = {
     "wan2.2-t2v-a14b": TINY_DEFAULTS | dict(guidance=4.0, guidance_2=3.0, shift=12.0, boundary=0.875),
     "wan2.2-i2v-a14b": TINY_DEFAULTS | dict(guidance=3.5, guidance_2=3.5, boundary=0.9),
     "wan2.2-ti2v-5b": TINY_DEFAULTS | dict(fps=24),
+    "wan2.1-vace": TINY_DEFAULTS | dict(shift=16.0, context_scale=1.0),
+    "wan2.2-vace-fun-a14b": TINY_DEFAULTS | dict(shift=16.0, context_scale=1.0, guidance_2=5.0, boundary=0.875),
 }
 DIT_CHANNELS = {"wan2.1-t2v": (16, 16), "wan2.1-i2v": (36, 16), "wan2.2-t2v-a14b": (16, 16), "wan2.2-i2v-a14b": (36, 16),
-                "wan2.2-ti2v-5b": (48, 48)}
+                "wan2.2-ti2v-5b": (48, 48), "wan2.1-vace": (16, 16), "wan2.2-vace-fun-a14b": (16, 16)}
+# VACE: 4 main blocks and 2 VACE blocks, so the hints go after blocks 0 and 2 (layers // blocks = 2,
+# as the 1.3B's 30 and 15) and a wrong spacing shows; the conditioning latent has 96 channels.
+TINY_VACE = dict(num_layers=4, vace_layers=(0, 2), vace_in_dim=96)
 FAMILIES = tuple(FAMILY_DEFAULTS)
 QUANTS = ("F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
@@ -55,6 +61,13 @@ def file_names(quant: str, family: str = "wan2.1-t2v") -> dict[str, str]:
                 **text, "vae": "wan_2.1_vae_tiny.safetensors"}
     if family == "wan2.2-ti2v-5b":
         return {"dit": f"Wan2.2-TI2V-5B-tiny-{quant}.gguf", **text, "vae": "wan2.2_vae_tiny.safetensors"}
+    if family == "wan2.1-vace":  # QuantStack/Wan2.1_14B_VACE-GGUF: Wan2.1_14B_VACE-Q8_0.gguf
+        return {"dit": f"Wan2.1_tiny_VACE-{quant}.gguf", **text, "vae": "wan_2.1_vae_tiny.safetensors"}
+    if family == "wan2.2-vace-fun-a14b":
+        stem = "Wan2.2-VACE-Fun-A14B"
+        return {"dit_high": f"HighNoise/{stem}-tiny-HighNoise-{quant}.gguf",
+                "dit_low": f"LowNoise/{stem}-tiny-LowNoise-{quant}.gguf",
+                **text, "vae": "wan_2.1_vae_tiny.safetensors"}
     raise ValueError(f"--family {family}: tiny models exist for {', '.join(FAMILIES)}")
 
 
@@ -111,8 +124,9 @@ def make_tiny_model(directory: str | Path, quant: str = "Q8_0", family: str = "w
 
     in_dim, out_dim = DIT_CHANNELS[family]
     image_dim = TINY_CLIP_CONFIG.hidden_size if "image_encoder" in paths else None
+    vace = TINY_VACE if "vace" in family else {}
     dit_config = WanConfig(text_dim=t5_config.dim, image_dim=image_dim,
-                           **(TINY_DIT | dict(in_dim=in_dim, out_dim=out_dim)))
+                           **(TINY_DIT | dict(in_dim=in_dim, out_dim=out_dim) | vace))
     with torch.device("meta"):
         dit = WanModel(dit_config)
     metadata = {

@@ -7,8 +7,11 @@ row. Compaction gathers sidecars into `metadata/*.parquet` with
 `rows_to_table`; resume reads either to learn which jobs are done.
 
 `file_name` is the MP4's path relative to the output root, the column Hugging
-Face `videofolder` reads. The manifest's extra columns ("passthrough") are
-appended after the fixed columns, their Arrow types inferred from the values.
+Face `videofolder` reads. The family's other parameters, its inputs (`name`
+and `name_sha256`: strings for a one-file input, list<string> for a list
+input) and the manifest's extra columns ("passthrough") are appended after the
+fixed columns, their Arrow types inferred from the values (a row without such
+a column, e.g. from an older sidecar or another family, holds null there).
 
 Rows are plain dicts; timestamps in them are timezone-aware `datetime`s (UTC).
 In the sidecar they are ISO 8601 strings. The sidecar is canonical JSON except
@@ -205,8 +208,12 @@ def make_row(
     # (path and content digest) follow the fixed columns, then the passthrough.
     family_columns = {name: value for name, value in params.items() if name not in row}
     for name, ref in job.inputs.items():
-        family_columns[name] = ref.uri
-        family_columns[f"{name}_sha256"] = ref.sha256
+        if isinstance(ref, list):  # a list input: both columns are lists, in the input's order
+            family_columns[name] = [r.uri for r in ref]
+            family_columns[f"{name}_sha256"] = [r.sha256 for r in ref]
+        else:
+            family_columns[name] = ref.uri
+            family_columns[f"{name}_sha256"] = ref.sha256
     clash = (OUTPUT_COLUMNS | set(family_columns)).intersection(job.passthrough)
     if clash:
         raise ValueError(f"passthrough columns clash with output columns: {sorted(clash)}")

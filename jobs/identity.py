@@ -20,7 +20,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jobs.params import RenderParams
@@ -64,15 +64,16 @@ def job_digest(
     seed: int,
     params: RenderParams,
     family: str,
-    inputs: Mapping[str, str] | None = None,
+    inputs: Mapping[str, str | Sequence[str]] | None = None,
 ) -> bytes:
     """The 32-byte sha256 behind a job id.
 
     The canonical job is the JSON object {family, inputs, model_digest,
     negative_prompt, params, prompt, schema, seed} with `inputs` mapping each
-    conditioning input's name to its content digest (never its path: the same
-    image under another name is the same job). `family` is left out for
-    `UNTAGGED_FAMILIES`, and `inputs` when there are none.
+    conditioning input's name to its content digest, or a list input's name to
+    the list of its files' digests in their order (never paths: the same image
+    under another name is the same job; reordered reference images are another).
+    `family` is left out for `UNTAGGED_FAMILIES`, and `inputs` when there are none.
     """
     if not isinstance(model_digest, str) or not model_digest:
         raise ValueError(f"model_digest must be a non-empty string, got {model_digest!r:.80}")

@@ -1,9 +1,9 @@
-"""Input files named by manifest rows (conditioning images): finding them and their content digests.
+"""Input files named by manifest rows (conditioning images and videos): finding them and their content digests.
 
 A row names an input by a local path or by a URI that pyarrow resolves
 (`file:///...`, `s3://bucket/key`, `gs://...`). An input's digest is the
-sha256 of its bytes, so a job can name its image by content: the same image
-under two names is the same input, a rewritten image is a new one.
+sha256 of its bytes, so a job can name its image or video by content: the same
+file under two names is the same input, a rewritten file is a new one.
 
 Digests are cached in-process by (resolved path, size, mtime): a manifest
 that names one image in a thousand rows reads it once, and a file rewritten
@@ -16,10 +16,10 @@ import hashlib
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -29,6 +29,9 @@ from jobs.sources import first_line
 _CHUNK = 1024 * 1024  # bytes per read while hashing; several files are hashed at once
 _CACHE_SIZE = 65536  # digests kept; a manifest may name millions of distinct images
 _READ_TRIES = 3  # a file that changes while being hashed is hashed again, this many times in all
+
+FileKind = Literal["image", "video"]  # what one input file holds (a list input's elements are images)
+FILE_KINDS: tuple[FileKind, ...] = ("image", "video")
 
 
 class InputError(ValueError):
@@ -123,31 +126,38 @@ def input_digest(uri: str | os.PathLike[str]) -> str:
     raise InputError(f"{file.name}: changed while being read, {_READ_TRIES} times in a row")
 
 
-def _digest_or_error(uri: Any, check: Callable[[Any], None] | None) -> str | InputError:
+def _digest_or_error(uri: Any, kind: FileKind, check: Callable[[Any, FileKind], None] | None) -> str | InputError:
     try:
         digest = input_digest(uri)
         if check is not None:
-            check(uri)
+            check(uri, kind)
         return digest
     except InputError as exc:
         return exc
 
 
 def digest_inputs(
-    uris: Iterable[str | os.PathLike[str]], max_workers: int = 8, check: Callable[[Any], None] | None = None
+    files: Mapping[Any, FileKind],
+    max_workers: int = 8,
+    check: Callable[[Any, FileKind], None] | None = None,
 ) -> dict[Any, str | InputError]:
-    """{uri: sha256 hex, or the InputError saying why it cannot be read}, each distinct uri hashed once.
+    """{uri: sha256 hex, or the InputError saying why it cannot be read} for `files` ({uri: kind}), each hashed once.
 
     Files are hashed in up to `max_workers` threads (reads and sha256 release the
     GIL). An unreadable file is a value, not an exception, so the caller can mark
-    the rows that name it as failed and go on with the others. `check(uri)`, when
-    given, runs after the digest in the same thread and may raise InputError too
-    (the driver passes a cheap image-header check).
+    the rows that name it as failed and go on with the others. `check(uri, kind)`,
+    when given, runs after the digest in the same thread and may raise InputError
+    too (the driver passes a cheap header check: an image's, or a video's).
     """
     if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
         raise ValueError(f"max_workers must be a positive integer, got {max_workers!r:.80}")
-    distinct = list(dict.fromkeys(uris))
-    if not distinct:
+    if not isinstance(files, Mapping):
+        raise TypeError(f"files must map each uri to its kind ({', '.join(FILE_KINDS)}), got {type(files).__name__}")
+    bad = {repr(kind) for kind in files.values() if kind not in FILE_KINDS}
+    if bad:
+        raise ValueError(f"unknown input file kinds {', '.join(sorted(bad))} (known: {', '.join(FILE_KINDS)})")
+    if not files:
         return {}
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(distinct)), thread_name_prefix="input-digest") as pool:
-        return dict(zip(distinct, pool.map(lambda uri: _digest_or_error(uri, check), distinct)))
+    items = list(files.items())
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(items)), thread_name_prefix="input-digest") as pool:
+        return dict(zip(files, pool.map(lambda item: _digest_or_error(item[0], item[1], check), items)))

@@ -33,6 +33,19 @@ class InputRef(BaseModel):
     sha256: str
 
 
+InputValue = InputRef | list[InputRef]  # one file, or an ordered list of files (an "images" input)
+
+
+def input_digests(inputs: dict[str, InputValue]) -> dict[str, str | list[str]]:
+    """{name: content digest, or the list of its files' digests in order}: what the job id holds of its inputs."""
+    return {name: [r.sha256 for r in ref] if ref.__class__ is list else ref.sha256 for name, ref in inputs.items()}
+
+
+def input_uris(inputs: dict[str, InputValue]) -> dict[str, str | list[str]]:
+    """{name: path or URI, or the list of them in order}: what the engine reads."""
+    return {name: [r.uri for r in ref] if ref.__class__ is list else ref.uri for name, ref in inputs.items()}
+
+
 class RenderJob(BaseModel):
     """One video to render: content, identity, and where it came from.
 
@@ -49,7 +62,7 @@ class RenderJob(BaseModel):
     negative_prompt: str
     seed: int = Field(strict=True, ge=0, le=SEED_MAX)
     params: InstanceOf[RenderParams]
-    inputs: dict[str, InputRef] = Field(default_factory=dict)
+    inputs: dict[str, InputValue] = Field(default_factory=dict)  # a list input keeps its order
     row: int = Field(default=0, strict=True, ge=0)  # manifest row (global, 0-based)
     passthrough: dict[str, Any] = Field(default_factory=dict)
 
@@ -67,6 +80,14 @@ class RenderJob(BaseModel):
             check_plain(item, key)
         return value
 
+    @field_validator("inputs")
+    @classmethod
+    def _lists_not_empty(cls, value: dict[str, InputValue]) -> dict[str, InputValue]:
+        for name, ref in value.items():
+            if isinstance(ref, list) and not ref:
+                raise ValueError(f"input {name}: an empty list (leave the input out instead)")
+        return value
+
     @model_validator(mode="after")
     def _id_matches_content(self) -> "RenderJob":
         expected = job_digest(self.model_digest, self.prompt, self.negative_prompt, self.seed, self.params,
@@ -75,8 +96,13 @@ class RenderJob(BaseModel):
             raise ValueError(f"job_id {self.job_id!r:.80} does not match the job's content ({expected})")
         return self
 
-    def input_digests(self) -> dict[str, str]:
-        return {name: ref.sha256 for name, ref in self.inputs.items()}
+    def input_digests(self) -> dict[str, str | list[str]]:
+        """{name: content digest, or the list of digests of a list input}."""
+        return input_digests(self.inputs)
+
+    def input_uris(self) -> dict[str, str | list[str]]:
+        """{name: path or URI, or the list of them of a list input}, as `Engine.render` takes them."""
+        return input_uris(self.inputs)
 
     @classmethod
     def create(
@@ -88,14 +114,14 @@ class RenderJob(BaseModel):
         seed: int,
         params: RenderParams,
         negative_prompt: str,
-        inputs: dict[str, InputRef] | None = None,
+        inputs: dict[str, InputValue] | None = None,
         row: int = 0,
         passthrough: dict[str, Any] | None = None,
     ) -> "RenderJob":
         """A job with its id computed."""
         inputs = inputs or {}
         digest = job_digest(model_digest, prompt, negative_prompt, seed, params, family,
-                            {name: ref.sha256 for name, ref in inputs.items()})
+                            input_digests(inputs))
         return cls(
             job_id=digest.hex(),
             family=family,

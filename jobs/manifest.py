@@ -16,9 +16,14 @@ Columns (a column whose value is null in a row counts as absent for that row):
   ``seeds`` argument (the CLI's ``--seeds 0-99``), or seed 0 if that is None too.
 - any render parameter of the family (``width``, ``steps``, ``guidance_2``, ...):
   overrides the family's default for the row.
-- the family's conditioning inputs (``image``): a local path or a filesystem
-  URI; relative paths are taken from the manifest file's folder. The job id
-  holds the file's content digest, hashed once per distinct file.
+- the family's conditioning inputs: an ``image`` or ``video`` input is a
+  string, a local path or a filesystem URI; an ``images`` input (e.g.
+  ``reference_images``) a list of them (list<string>; one string is a
+  one-element list; null or an empty list gives none). Relative paths are
+  taken from the manifest file's folder. The job id holds each file's content
+  digest (a list input: the list of its digests, in order), each distinct file
+  hashed, and its header checked, once per batch. An input given without the
+  input it ``needs`` is the row's error.
 - a parameter or input of another family (the reader's ``foreign`` names):
   an error in each row that gives it.
 - anything else is passthrough: carried to the job and the output dataset,
@@ -51,14 +56,16 @@ from jobs.columns import ColumnPlan, column_values, plan_columns
 from jobs.dataset import OUTPUT_COLUMNS
 from jobs.family import FamilySpec
 from jobs.identity import job_digest
-from jobs.inputs import digest_inputs
-from jobs.job import InputRef, RenderJob
+from jobs.inputs import FileKind, InputError, digest_inputs
+from jobs.job import InputRef, RenderJob, input_digests
 from jobs.rows import RowError, RowParser, RowSpec
 from jobs.sources import ManifestError, first_line, list_files
 
 __all__ = ["ManifestBatch", "ManifestError", "RowError", "load_jobs", "read_manifest"]
 
-DigestInputs = Callable[[Sequence[str]], Mapping[str, Any]]
+# {uri: what the file holds} in; {uri: its sha256 hex, or the InputError saying why it cannot be used} out.
+# `jobs.inputs.digest_inputs` hashes; the driver's callable also checks each file's header by its kind.
+DigestInputs = Callable[[Mapping[str, FileKind]], Mapping[str, str | InputError]]
 
 
 @dataclass(frozen=True)
@@ -95,23 +102,54 @@ def _row_specs(plans: list[ColumnPlan], parser: RowParser, batch_rows: int) -> I
             raise ManifestError(f"{file.name}: cannot read Parquet data ({first_line(exc)})") from None
 
 
-def _hash_inputs(specs: list, digest: DigestInputs) -> list:
-    """Specs with their input files hashed (each distinct file once): (spec, {name: InputRef}),
-    or the row's errors for a file that cannot be read."""
-    uris = sorted({uri for spec in specs if isinstance(spec, RowSpec) for uri in spec.inputs.values()})
-    digests = digest(uris) if uris else {}
+def _hash_inputs(specs: list, digest: DigestInputs, kinds: Mapping[str, FileKind]) -> list:
+    """Specs with their input files hashed (each distinct file once): (spec, {name: InputRef or [InputRef]}),
+    or the row's errors for a file that cannot be read. `kinds` gives each input name's file kind."""
+    # One call for every distinct file; a file that rows name as two kinds (an image here, a
+    # video there) is looked at once more for each other kind, so each row's file is checked as what it is.
+    rounds: list[dict[str, FileKind]] = [{}]
+    for spec in specs:
+        if not isinstance(spec, RowSpec):
+            continue
+        for name, ref in spec.inputs.items():
+            kind = kinds[name]
+            for uri in (ref if ref.__class__ is list else (ref,)):
+                for wanted in rounds:
+                    if wanted.setdefault(uri, kind) == kind:
+                        break
+                else:
+                    rounds.append({uri: kind})
+    found: dict[tuple[str, FileKind], Any] = {}
+    for wanted in rounds:
+        if wanted:
+            results = digest(dict(sorted(wanted.items())))
+            found.update(((uri, kind), results[uri]) for uri, kind in wanted.items())
+
+    def ref_of(uri: str, kind: FileKind, name: str, row: int, errors: list, where: str = "") -> InputRef | None:
+        result = found[uri, kind]
+        if isinstance(result, str):
+            return InputRef(uri=uri, sha256=result)
+        errors.append(RowError(row, name, f"{where}{result}"))
+        return None
+
     out = []
     for spec in specs:
         if not isinstance(spec, RowSpec):
             out.append(spec)
             continue
-        refs, errors = {}, []
-        for name, uri in spec.inputs.items():
-            found = digests[uri]
-            if isinstance(found, str):
-                refs[name] = InputRef(uri=uri, sha256=found)
+        refs: dict[str, InputRef | list[InputRef]] = {}
+        errors: list[RowError] = []
+        for name, ref in spec.inputs.items():
+            kind = kinds[name]
+            if ref.__class__ is list:
+                n_errors = len(errors)
+                items = [ref_of(uri, kind, name, spec.row, errors, f"element {k}: ") for k, uri in enumerate(ref)]
+                if len(errors) == n_errors:
+                    refs[name] = items
             else:
-                errors.append(RowError(spec.row, name, str(found)))
+                item = ref_of(ref, kind, name, spec.row, errors)
+                if item is not None:
+                    refs[name] = item
         out.append(errors if errors else (spec, refs))
     return out
 
@@ -139,6 +177,7 @@ def read_manifest(
         raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r:.80}")
     parser = RowParser(family, seeds, foreign)
     reserved = (OUTPUT_COLUMNS - parser.known) | {f"{name}_sha256" for name in family.input_names}
+    kinds = {spec.name: spec.file_kind for spec in family.inputs}
     plans = [plan_columns(f, parser.known, frozenset(reserved)) for f in list_files(source)]
 
     def batches() -> Iterator[ManifestBatch]:
@@ -147,16 +186,16 @@ def read_manifest(
         errors: list[RowError] = []
         duplicates = 0
         for rows_read, specs in _row_specs(plans, parser, batch_rows):
-            for item in _hash_inputs(specs, digest):
+            for item in _hash_inputs(specs, digest, kinds):
                 if isinstance(item, list):
                     errors.extend(item)
                     continue
                 spec, refs = item
-                input_digests = {name: ref.sha256 for name, ref in refs.items()}
+                digests = input_digests(refs)
                 n_new = 0
                 for seed in spec.seeds:
                     job_key = job_digest(model_digest, spec.prompt, spec.negative_prompt, seed, spec.params,
-                                         family.name, input_digests)
+                                         family.name, digests)
                     if job_key in seen:
                         continue
                     seen.add(job_key)

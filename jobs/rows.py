@@ -4,6 +4,10 @@ Which columns a row may have comes from the family (`jobs.family.FamilySpec`):
 its render parameters override the family's defaults per row, its inputs name
 files (relative paths are taken from the manifest file's folder), and the
 parameters and inputs of other families are errors when given.
+
+An "image" or "video" input is a string cell; an "images" input is a
+list<string> cell (one string is taken as a one-element list), whose order is
+kept. A null cell, or an empty list, does not give the input.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ class RowSpec:
     negative_prompt: str
     params: RenderParams
     seeds: Sequence[int]
-    inputs: dict[str, str]  # input name -> absolute path or URI (hashed later, per batch)
+    inputs: dict[str, str | list[str]]  # input name -> absolute path or URI, or a list of them (hashed later, per batch)
     passthrough: dict[str, Any]
 
 
@@ -72,6 +76,10 @@ def _checked(memo: dict, check: Callable[[Any], Any], value: Any) -> tuple[bool,
                 memo.clear()
             memo[key] = hit
     return hit
+
+
+def _file_reason(ref: Any) -> str:
+    return f"must be a file path or URI, got {describe(ref)}"
 
 
 def _prompt_reason(prompt: Any) -> str:
@@ -103,6 +111,7 @@ class RowParser:
         self.foreign = frozenset(foreign) - set(family.param_names) - set(family.input_names)
         self.known = frozenset(("prompt", "negative_prompt", *SEED_COLUMNS, *family.param_names,
                                 *family.input_names, *self.foreign))
+        self._needs = tuple(spec for spec in family.inputs if spec.needs is not None)
         self._checks = {name: functools.partial(family.check_param, name) for name in family.param_names}
         self._memos: dict[str, dict] = {name: {} for name in family.param_names}
         # Most manifests use a handful of parameter combinations: build each RenderParams once.
@@ -130,7 +139,11 @@ class RowParser:
         prompts = cols["prompt"]
         negatives = cols.get("negative_prompt")
         param_cols = [(name, cols[name], self._memos[name]) for name in family.param_names if name in cols]
-        input_cols = [(spec, cols.get(spec.name)) for spec in family.inputs]
+        input_cols = [(spec, cols.get(spec.name), spec.is_list) for spec in family.inputs
+                      if spec.required or spec.name in cols]
+        needs = [spec for spec in self._needs if spec.name in cols]
+        resolve = file.resolve
+        resolved: dict[str, str] = {}  # this batch's input paths, as written -> resolved (rows often repeat one)
         foreign_cols = [(name, cols[name]) for name in sorted(self.foreign) if name in cols]
         seed_cols = [cols.get(name) for name in SEED_COLUMNS]
         any_seed_col = any(c is not None for c in seed_cols)
@@ -163,18 +176,48 @@ class RowParser:
                     errors.append(RowError(row, name, result))
 
             inputs = {}
-            for spec, values in input_cols:
+            given = set() if needs else None  # names given (well or badly), for the `needs` check
+            for spec, values, is_list in input_cols:
                 ref = None if values is None else values[j]
-                if ref is None:
+                if ref.__class__ is str:
+                    ref = ref.strip()
+                    if not ref:
+                        errors.append(RowError(row, spec.name, _file_reason(values[j])))
+                    else:
+                        path = resolved.get(ref)
+                        if path is None:
+                            path = resolved[ref] = resolve(ref)
+                        inputs[spec.name] = [path] if is_list else path
+                elif ref is None or (is_list and ref.__class__ is list and not ref):
                     if spec.required:
-                        errors.append(RowError(row, spec.name, f"is missing: the {family.title} family needs an {spec.kind}"))
-                elif not isinstance(ref, str) or not ref.strip():
-                    errors.append(RowError(row, spec.name, f"must be a file path or URI, got {describe(ref)}"))
+                        errors.append(RowError(row, spec.name, f"is missing: the {family.title} family needs {spec.what}"))
+                    continue
+                elif is_list and ref.__class__ is list:
+                    paths = []
+                    for k, item in enumerate(ref):
+                        if item.__class__ is not str or not item.strip():
+                            errors.append(RowError(row, spec.name, f"element {k}: {_file_reason(item)}"))
+                            break
+                        item = item.strip()
+                        path = resolved.get(item)
+                        if path is None:
+                            path = resolved[item] = resolve(item)
+                        paths.append(path)
+                    else:
+                        inputs[spec.name] = paths
                 else:
-                    inputs[spec.name] = file.resolve(ref.strip())
+                    what = "a list of file paths or URIs" if is_list else "a file path or URI"
+                    errors.append(RowError(row, spec.name, f"must be {what}, got {describe(ref)}"))
+                if given is not None:
+                    given.add(spec.name)
+            if needs:
+                for spec in needs:
+                    if spec.name in given and spec.needs not in given:
+                        errors.append(RowError(row, spec.name, f"needs {spec.needs}, which this row does not give"))
 
             for name, values in foreign_cols:
-                if values[j] is not None:
+                value = values[j]
+                if value is not None and value != []:  # an empty list gives no input, as in its own family
                     errors.append(RowError(row, name, f"the {family.title} family has no {name!r} "
                                                       f"(its parameters: {', '.join(family.param_names)}; "
                                                       f"its inputs: {', '.join(family.input_names) or 'none'})"))

@@ -84,7 +84,7 @@ class RenderActor:
             try:  # the next call's render starts as soon as this one's ends, raised or not
                 started = datetime.now(timezone.utc)
                 t0 = time.perf_counter()
-                inputs = {name: ref.uri for name, ref in job.inputs.items()}
+                inputs = job.input_uris()  # {name: uri, or [uri, ...] for a list input}
                 result = self.engine.render(job.prompt, job.seed, job.params, job.negative_prompt, inputs)
                 t1 = time.perf_counter()
             finally:

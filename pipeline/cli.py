@@ -3,6 +3,8 @@
     reelray inspect FILE [--json]
     reelray make-tiny-model DIR [--family wan2.1-t2v] [--quant Q8_0]
     reelray render --model DIR --prompt "..." --seed N [--image first.png] --out x.mp4
+    reelray render --model DIR --prompt "..." --control-video depth.mp4 [--mask-video mask.mp4]
+                   [--reference-images a.png b.png] [--context-scale 1.0] --out x.mp4
     reelray run MANIFEST --model DIR --out OUT [--actors N] [--seeds A-B] ...
     reelray status OUT [--manifest M]
 
@@ -18,6 +20,14 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
+# The conditioning inputs `render` has a flag for (the flag is the input's name with dashes),
+# and what each flag holds; which of them a model takes comes from its family's InputSpecs.
+INPUT_FLAGS = {
+    "image": "first frame (image-to-video families): PNG, JPEG or WebP path or URI",
+    "control_video": "control video (VACE families): a video file whose frames guide the motion",
+    "mask_video": "mask video (VACE families, with --control-video): where the control video applies",
+    "reference_images": "reference images (VACE families), in order: PNG, JPEG or WebP paths or URIs",
+}
 
 
 class CLIError(ValueError):
@@ -70,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="default: the official Wan negative prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image", default=None, help="first frame (image-to-video families): PNG, JPEG or WebP path or URI")
+    for name, help in INPUT_FLAGS.items():
+        p.add_argument(input_flag(name), dest=name, default=None, help=help,
+                       nargs="+" if name == "reference_images" else None, metavar="PATH")
     add_param_args(p)
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.set_defaults(func=cmd_render)
@@ -110,7 +122,8 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--tokenizer", help="SentencePiece .model (for a safetensors text encoder)")
     p.add_argument("--family", default=None,
                    help="the model family when the files alone cannot tell (wan2.1-t2v, wan2.1-i2v, wan2.2-t2v-a14b, "
-                        "wan2.2-i2v-a14b, wan2.2-ti2v-5b); default: recognised from the files")
+                        "wan2.2-i2v-a14b, wan2.2-ti2v-5b, wan2.1-vace, wan2.2-vace-fun-a14b); "
+                        "default: recognised from the files")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on CUDA, float32 on the CPU)")
@@ -130,6 +143,7 @@ def add_param_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int)
     p.add_argument("--fps", type=int)
     p.add_argument("--sampler", choices=["unipc", "euler"])
+    p.add_argument("--context-scale", type=float, help="how strongly the control video and references steer (VACE families)")
 
 
 def model_files(args) -> dict[str, str]:
@@ -152,7 +166,7 @@ def model_set(args):
 
 
 def param_overrides(args) -> dict:
-    names = ("steps", "guidance", "guidance_2", "boundary", "shift", "frames", "fps", "sampler")
+    names = ("steps", "guidance", "guidance_2", "boundary", "shift", "frames", "fps", "sampler", "context_scale")
     overrides = {name: getattr(args, name) for name in names}
     if args.size:
         try:
@@ -205,18 +219,7 @@ def cmd_render(args) -> int:
     if not args.prompt.strip():
         raise CLIError("--prompt must not be empty")
     params = spec.params(**param_overrides(args))
-    inputs = {"image": args.image} if args.image else {}
-    for name in inputs:
-        if name not in spec.input_names:
-            raise CLIError(f"--{name}: the {spec.title} family takes no {name} (its inputs: "
-                           f"{', '.join(spec.input_names) or 'none'})")
-    for input_spec in spec.inputs:
-        if input_spec.required and input_spec.name not in inputs:
-            raise CLIError(f"the {spec.title} family needs --{input_spec.name} ({input_spec.help})")
-    if "image" in inputs:
-        from engine.image import read_image
-
-        read_image(inputs["image"])  # an unreadable image fails here, in one line, before the load
+    inputs = render_inputs(args, spec)
     engine = Engine(models, **engine_options(args))
     bar = StepBar(sys.stderr)
     try:
@@ -234,6 +237,49 @@ def cmd_render(args) -> int:
     f, h, w, _ = result.frames.shape
     print(f"{out}: {spec.name}, {f} frames {w}x{h} at {params.fps} fps, frames_sha256 {result.frames_sha256}")
     return 0
+
+
+def input_flag(name: str) -> str:
+    """The `render` flag of an input: "reference_images" -> "--reference-images"."""
+    return "--" + name.replace("_", "-")
+
+
+def render_inputs(args, spec) -> dict[str, str | list[str]]:
+    """The inputs `render` was given, checked against the family (`spec`) before any model loads.
+
+    A flag for an input the family does not take, a required input missing, or
+    an input without the one it `needs` is a CLIError naming the flags; then
+    each image is decoded and each video's header read, so a bad file fails in
+    one line here, not after a 14B model load.
+    """
+    given = {name: getattr(args, name) for name in INPUT_FLAGS if getattr(args, name, None) is not None}
+    for name in given:
+        if spec.input_spec(name) is None:
+            raise CLIError(f"{input_flag(name)}: the {spec.title} family takes no {name} (its inputs: "
+                           f"{', '.join(spec.input_names) or 'none'})")
+    for input_spec in spec.inputs:
+        if input_spec.required and input_spec.name not in given:
+            if input_spec.name not in INPUT_FLAGS:
+                raise CLIError(f"the {spec.title} family needs input {input_spec.name}, which `reelray render` has "
+                               "no flag for; render it from a manifest with `reelray run`")
+            raise CLIError(f"the {spec.title} family needs {input_flag(input_spec.name)} ({input_spec.help})")
+    for input_spec in spec.unmet_needs(given):
+        raise CLIError(f"{input_flag(input_spec.name)} needs {input_flag(input_spec.needs)}")
+    try:
+        inputs = spec.check_inputs(given)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    for name, value in inputs.items():
+        if spec.input_spec(name).file_kind == "video":
+            from engine.video_input import probe_video
+
+            probe_video(value)
+        else:
+            from engine.image import read_image
+
+            for uri in value if isinstance(value, list) else [value]:
+                read_image(uri)
+    return inputs
 
 
 def cmd_run(args) -> int:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from jobs.dataset import make_row, with_added_columns
+from jobs.inputs import FileKind, InputError
 from jobs.job import RenderJob
 from jobs.manifest import ManifestError, load_jobs
 from pipeline.actor import CONCURRENCY, RenderActor, software_versions
@@ -242,13 +244,24 @@ def read_jobs(manifest: str, model_files: dict[str, str], family: str | None, se
     return jobs, errors, n_rows, models, digest
 
 
-def digest_and_probe(uris):
-    """Input digests, each image's header checked on the way: a file that is not an image is
-    its rows' error before anything renders. (Every input today is an image.)"""
+def digest_and_probe(files: Mapping[str, FileKind]) -> dict[str, str | InputError]:
+    """Input digests ({uri: kind} in), each file's header checked on the way by its kind (an image's
+    with `probe_image`, a video's with `probe_video`): a file that is not what its column says is
+    its rows' error before anything renders."""
     from engine.image import probe_image
     from jobs.inputs import digest_inputs
 
-    return digest_inputs(uris, check=probe_image)
+    probe_video = None
+    if "video" in files.values():  # imported only when a manifest names a video
+        from engine.video_input import probe_video
+
+    def probe(uri: str, kind: FileKind) -> None:
+        if kind == "image":
+            probe_image(uri)
+        else:
+            probe_video(uri)
+
+    return digest_inputs(files, check=probe)
 
 
 def all_rows(done_rows: dict[str, dict], failed_rows: dict[str, dict]) -> list[dict]:

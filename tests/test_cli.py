@@ -327,7 +327,8 @@ def test_render_refuses_a_negative_seed_in_one_line_before_loading_the_model(tin
 # --- families: the tiny model of each, recognised from the files; Wan2.2 renders ---------------
 
 
-FAMILY_FPS = {"wan2.1-t2v": 16, "wan2.1-i2v": 16, "wan2.2-t2v-a14b": 16, "wan2.2-i2v-a14b": 16, "wan2.2-ti2v-5b": 24}
+FAMILY_FPS = {"wan2.1-t2v": 16, "wan2.1-i2v": 16, "wan2.2-t2v-a14b": 16, "wan2.2-i2v-a14b": 16, "wan2.2-ti2v-5b": 24,
+              "wan2.1-vace": 16, "wan2.2-vace-fun-a14b": 16}
 
 
 @pytest.fixture(scope="module")
@@ -505,3 +506,99 @@ def test_an_explicit_dit_high_dit_low_pair_renders_as_the_named_experts_do(famil
         shas[case] = rendered(out, video, "wan2.2-t2v-a14b")[-1]
     # The same bytes in the same roles are the same model; the roles swapped are another.
     assert shas["pair"] == shas["named dir"] != shas["swapped"]
+
+
+# --- the inputs of `render`, checked against a family's InputSpecs (no model needed) -------------
+
+
+def _mixed_spec(required: tuple[str, ...] = ()):
+    """A made-up family with every input kind; `mask_video` needs `control_video`."""
+    from jobs.family import FamilySpec, InputSpec
+    from jobs.params import ParamSpec
+
+    specs = REELRAY_FAMILIES["wan2.1-t2v"].spec.param_specs + (
+        ParamSpec("context_scale", "float", 1.0, low=0.0),)
+    return FamilySpec("test-mixed", "Test Mixed", specs, inputs=(
+        InputSpec("image", "image", required="image" in required, help="a first frame"),
+        InputSpec("control_video", "video", required="control_video" in required, help="a control video"),
+        InputSpec("mask_video", "video", required=False, needs="control_video"),
+        InputSpec("reference_images", "images", required="reference_images" in required, help="references"),
+    ))
+
+
+def _render_args(*extra: str):
+    from pipeline.cli import build_parser
+
+    return build_parser().parse_args(["render", "--model", "m", "--prompt", "p", "--out", "x.mp4", *extra])
+
+
+@pytest.fixture
+def fake_probe_video(monkeypatch):
+    """engine.video_input stood in for by a module whose probe_video records its calls and accepts *.mp4 files."""
+    import types
+
+    from jobs.inputs import InputError
+
+    calls = []
+
+    def probe_video(uri):
+        calls.append(uri)
+        if not str(uri).endswith(".mp4"):
+            raise InputError(f"{uri}: not a video (fake probe)")
+        return 64, 48, 9
+
+    monkeypatch.setitem(sys.modules, "engine.video_input", types.SimpleNamespace(probe_video=probe_video))
+    return calls
+
+
+def test_render_input_flags_reach_the_family_as_its_inputs(tmp_path, fake_probe_video):
+    from pipeline.cli import param_overrides, render_inputs
+
+    a, b = write_png(tmp_path / "a.png"), write_png(tmp_path / "b.png", flip=True)
+    args = _render_args("--control-video", "ctl.mp4", "--mask-video", "mask.mp4",
+                        "--reference-images", str(b), str(a), "--image", str(a), "--context-scale", "0.5")
+    spec = _mixed_spec()
+    assert render_inputs(args, spec) == {"image": str(a), "control_video": "ctl.mp4", "mask_video": "mask.mp4",
+                                         "reference_images": [str(b), str(a)]}  # the order given
+    assert fake_probe_video == ["ctl.mp4", "mask.mp4"]
+    assert param_overrides(args) == {"context_scale": 0.5}
+    assert spec.params(**param_overrides(args)).context_scale == 0.5
+    assert render_inputs(_render_args("--reference-images", str(a)), spec) == {"reference_images": [str(a)]}
+    assert render_inputs(_render_args(), spec) == {}
+
+
+@pytest.mark.parametrize("argv, required, reason", [
+    (["--control-video", "c.mp4"], None,
+     "--control-video: the Wan2.1 T2V family takes no control_video (its inputs: none)"),
+    (["--reference-images", "{a}"], None,
+     "--reference-images: the Wan2.1 T2V family takes no reference_images (its inputs: none)"),
+    (["--mask-video", "m.mp4"], (), "--mask-video needs --control-video"),
+    ([], ("control_video",), "the Test Mixed family needs --control-video (a control video)"),
+    (["--control-video", "c.mp4"], ("reference_images",), "the Test Mixed family needs --reference-images (references)"),
+    (["--reference-images", "{a}", "{tmp}/notes.png"], (), "notes.png: not a PNG, JPEG or WebP image"),
+    (["--reference-images", "{a}", "{tmp}/gone.png"], (), "gone.png"),
+    (["--reference-images", ""], (), "input reference_images: element 0: must be a file path or URI"),
+    (["--control-video", "{a}"], (), "a.png: not a video (fake probe)"),
+], ids=["video-for-t2v", "references-for-t2v", "mask-without-control", "required-video", "required-references",
+        "reference-not-an-image", "reference-missing", "reference-blank", "control-not-a-video"])
+def test_render_refuses_inputs_the_family_cannot_take_in_one_line(tmp_path, fake_probe_video, argv, required, reason):
+    from pipeline.cli import CLIError, render_inputs
+
+    a = write_png(tmp_path / "a.png")
+    (tmp_path / "notes.png").write_text("not an image\n")
+    spec = REELRAY_FAMILIES["wan2.1-t2v"].spec if required is None else _mixed_spec(required)
+    args = _render_args(*(arg.format(a=a, tmp=tmp_path) for arg in argv))
+    with pytest.raises(ValueError) as exc:  # CLIError, or the file's own error (ImageError, InputError)
+        render_inputs(args, spec)
+    text = str(exc.value)
+    assert reason.format(tmp=tmp_path) in text and "\n" not in text, text
+    if "fake probe" not in reason and "PNG" not in reason and "gone" not in reason:
+        assert isinstance(exc.value, CLIError)
+
+
+def test_render_reference_images_flag_takes_one_or_more_paths(capsys):
+    from pipeline.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["render", "--model", "m", "--prompt", "p", "--out", "x.mp4", "--reference-images"])
+    assert "expected at least one argument" in capsys.readouterr().err

@@ -199,3 +199,54 @@ def test_family_parameters_and_inputs_are_columns_after_the_fixed_ones():
     assert parse_sidecar(sidecar_bytes(row), sidecar_relpath(j.job_id))["image_sha256"] == "ab" * 32
     with pytest.raises(ValueError, match="clash"):
         make_row(j.model_copy(update={"passthrough": {"image_sha256": "x"}}), status="failed", attempts=1, error="e")
+
+
+def test_list_inputs_are_list_columns_that_round_trip_through_sidecars_and_compaction(tmp_path):
+    from jobs.dataset import with_added_columns
+    from pipeline.output import METADATA_FILE, VIDEOFOLDER_FILE, OutputDir
+
+    refs = [InputRef(uri="/data/r2.png", sha256="bb" * 32), InputRef(uri="/data/r1.png", sha256="aa" * 32)]
+    control = InputRef(uri="s3://bucket/ctl.mp4", sha256="cc" * 32)
+
+    def mixed_job(prompt, inputs, **passthrough):
+        return RenderJob.create(family="test-mixed", model_digest=MODEL, prompt=prompt, seed=0, params=PARAMS,
+                                negative_prompt="n", inputs=inputs, passthrough=passthrough)
+
+    with_refs = done_row(mixed_job("a", {"reference_images": refs, "control_video": control}, tag="x"))
+    assert with_refs["reference_images"] == ["/data/r2.png", "/data/r1.png"]  # the input's order
+    assert with_refs["reference_images_sha256"] == ["bb" * 32, "aa" * 32]
+    assert (with_refs["control_video"], with_refs["control_video_sha256"]) == ("s3://bucket/ctl.mp4", "cc" * 32)
+    one_ref = failed_row(mixed_job("b", {"reference_images": refs[1:]}))
+    no_inputs = done_row(job("c"))  # another family's row: no input columns at all
+    # A sidecar written before these columns existed (nor family, nor video size) reads back as well.
+    old = {k: v for k, v in json.loads(sidecar_bytes(done_row(job("d")))).items()
+           if k not in ("family", "video_width", "video_height")}
+
+    rows = []
+    for row in (with_refs, one_ref, no_inputs):
+        back = parse_sidecar(sidecar_bytes(row), sidecar_relpath(row["job_id"]))
+        assert back == row  # lists come back as lists, in order
+        rows.append(back)
+    rows.append(parse_sidecar(json.dumps(old).encode(), sidecar_relpath(old["job_id"])))
+
+    out = OutputDir(str(tmp_path / "out"))
+    out.compact(rows)
+    table = out.read_metadata()
+    assert table.schema.field("reference_images").type == pa.list_(pa.string())
+    assert table.schema.field("reference_images_sha256").type == pa.list_(pa.string())
+    assert table.schema.field("control_video").type == pa.string()
+    assert table.column("reference_images").to_pylist() == [
+        ["/data/r2.png", "/data/r1.png"], ["/data/r1.png"], None, None]
+    assert table.column("reference_images_sha256").to_pylist() == [["bb" * 32, "aa" * 32], ["aa" * 32], None, None]
+    assert table.column("family").to_pylist() == ["test-mixed", "test-mixed", "wan2.1-t2v", "wan2.1-t2v"]
+    # The next run reads the failed rows back from the metadata file (as the driver's previous_failures
+    # does) and compacts them with the sidecars' rows again: the same dataset.
+    failed = [with_added_columns(r) for r in table.to_pylist() if r["status"] == "failed"]
+    assert failed[0]["reference_images"] == ["/data/r1.png"]
+    out.compact([rows[0], failed[0], rows[2], rows[3]])
+    again = out.read_metadata()
+    assert again.schema == table.schema and again.to_pylist() == table.to_pylist()
+    # The videofolder index holds the done rows, list columns included, as a user reads it.
+    index = pq.read_table(str(tmp_path / "out" / VIDEOFOLDER_FILE))
+    assert index.column("reference_images").to_pylist() == [["/data/r2.png", "/data/r1.png"], None, None]
+    assert pq.read_table(str(tmp_path / "out" / METADATA_FILE)).num_rows == 4

@@ -29,6 +29,9 @@ def tiny_sets(tmp_path_factory):
     ("wan2.2-i2v-a14b", "dit_high", "Wan2.2 I2V-A14B high-noise expert"),
     ("wan2.2-ti2v-5b", "dit", "Wan2.2 TI2V-5B"),
     ("wan2.1-i2v", "dit", "Wan2.1 I2V"),
+    ("wan2.1-vace", "dit", "Wan2.1 VACE"),
+    ("wan2.2-vace-fun-a14b", "dit_high", "Wan2.2 VACE-Fun A14B high-noise expert"),
+    ("wan2.2-vace-fun-a14b", "dit_low", "Wan2.2 VACE-Fun A14B low-noise expert"),
     ("wan2.1-i2v", "image_encoder", "CLIP vision encoder (the image encoder of Wan2.1 I2V)"),
     ("wan2.1-t2v", "vae", "Wan2.1 VAE"),
     ("wan2.2-ti2v-5b", "vae", "Wan2.2 VAE"),
@@ -46,6 +49,13 @@ def test_each_file_names_its_family(tiny_sets, family, role, label):
 def test_a14b_defaults_include_the_expert_parameters(tiny_sets):
     defaults = describe_file(tiny_sets["wan2.2-t2v-a14b"]["dit_high"])["defaults"]
     assert (defaults["guidance"], defaults["guidance_2"], defaults["boundary"], defaults["shift"]) == (4.0, 3.0, 0.875, 12.0)
+
+
+def test_a_vace_dit_shows_where_its_hints_go(tiny_sets):
+    info = describe_file(tiny_sets["wan2.1-vace"]["dit"])
+    assert info["config"]["vace_layers"] == [0, 2]  # 4 main blocks, 2 VACE blocks
+    assert "VACE hints after blocks [0, 2]" in format_description(info)
+    assert info["defaults"]["context_scale"] == 1.0 and info["defaults"]["shift"] == 16.0
 
 
 def test_a_renamed_expert_is_described_by_its_shapes(tiny_sets, tmp_path):

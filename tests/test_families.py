@@ -112,11 +112,26 @@ def test_family_restricts_recognition(sets):
 
 
 def test_foreign_names_are_the_other_families_parameters_and_inputs():
-    assert foreign_names(get_family("wan2.1-t2v")) == {"guidance_2", "boundary", "image", "area"}
-    assert foreign_names(get_family("wan2.1-i2v")) == {"guidance_2", "boundary"}
-    assert foreign_names(get_family("wan2.2-t2v-a14b")) == {"image", "area"}
-    assert foreign_names(get_family("wan2.2-ti2v-5b")) == {"guidance_2", "boundary", "area"}
-    assert foreign_names(get_family("wan2.2-i2v-a14b")) == {"area"}
+    vace = {"context_scale", "control_video", "mask_video", "reference_images"}
+    assert foreign_names(get_family("wan2.1-t2v")) == {"guidance_2", "boundary", "image", "area"} | vace
+    assert foreign_names(get_family("wan2.1-i2v")) == {"guidance_2", "boundary"} | vace
+    assert foreign_names(get_family("wan2.2-t2v-a14b")) == {"image", "area"} | vace
+    assert foreign_names(get_family("wan2.2-ti2v-5b")) == {"guidance_2", "boundary", "area"} | vace
+    assert foreign_names(get_family("wan2.2-i2v-a14b")) == {"area"} | vace
+    assert foreign_names(get_family("wan2.1-vace")) == {"guidance_2", "boundary", "image", "area"}
+    assert foreign_names(get_family("wan2.2-vace-fun-a14b")) == {"image", "area"}
+
+
+def test_vace_files_are_not_taken_for_their_t2v_shapes(sets, tmp_path):
+    """A VACE DiT is a T2V DiT plus VACE blocks: recognised as VACE, a VACE-Fun pair likewise, and a
+    VACE expert and a T2V-A14B expert do not make a pair."""
+    vace, fun, a14b = sets["wan2.1-vace"], sets["wan2.2-vace-fun-a14b"], sets["wan2.2-t2v-a14b"]
+    assert ModelSet.from_files({r: vace[r] for r in ("dit", "text_encoder", "vae")}).family == "wan2.1-vace"
+    with pytest.raises(ModelSetError, match="checked the wan2.1-t2v family"):
+        ModelSet.from_files({r: vace[r] for r in ("dit", "text_encoder", "vae")}, family="wan2.1-t2v")
+    with pytest.raises(ModelSetError, match="the two experts differ in shape"):
+        ModelSet.from_files({"dit_high": fun["dit_high"], "dit_low": a14b["dit_low"],
+                             "text_encoder": fun["text_encoder"], "vae": fun["vae"]})
 
 
 def test_the_driver_reads_image_jobs_and_checks_each_image_once(sets, tmp_path):

@@ -145,7 +145,9 @@ def test_equal_numbers_are_one_job():
 @settings(max_examples=80)
 @given(model=st.text(min_size=1, max_size=70), prompt=texts, negative=texts, seed=seeds, p=params,
        family=st.sampled_from(list(FAMILIES)),
-       inputs=st.one_of(st.none(), st.dictionaries(st.sampled_from(["image", "video"]), st.text(max_size=64))))
+       inputs=st.one_of(st.none(), st.dictionaries(
+           st.sampled_from(["image", "video", "reference_images"]),
+           st.one_of(st.text(max_size=64), st.lists(st.text(max_size=64), max_size=4)))))
 def test_hand_written_canonical_json_matches_json_dumps(model, prompt, negative, seed, p, family, inputs):
     expected = hashlib.sha256(canonical_json(payload(model, prompt, negative, seed, p, family, inputs))).digest()
     assert job_digest(model, prompt, negative, seed, p, family, inputs) == expected
@@ -275,3 +277,47 @@ def test_model_digest_depends_on_roles_and_contents_not_names(tmp_path):
     assert model_digest({"dit": tmp_path / "a"}) != d1
     with pytest.raises(ValueError):
         model_digest({})
+
+
+def test_list_inputs_enter_the_id_as_the_ordered_list_of_their_digests():
+    a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
+    family = "test-mixed"
+
+    def ref_id(*digests, **others):
+        return job_id(MODEL, "p", "n", 0, PARAMS, family=family, inputs={"reference_images": list(digests), **others})
+
+    ids = [ref_id(a, b), ref_id(b, a), ref_id(a, c), ref_id(a), ref_id(a, b, b), ref_id(a, b, control_video=c)]
+    assert len(set(ids)) == len(ids)  # content, order, count and other inputs all count
+    assert ref_id(a, b) == job_id(MODEL, "p", "n", 0, PARAMS, family=family, inputs={"reference_images": (a, b)})
+    # the recipe, spelled out: the list sits in `inputs` as a JSON array
+    expected = hashlib.sha256(canonical_json(payload(MODEL, "p", "n", 0, PARAMS, family,
+                                                     {"reference_images": [a, b]}))).hexdigest()
+    assert ref_id(a, b) == expected
+    assert b'"inputs":{"reference_images":["' + a.encode() in canonical_json(
+        payload(MODEL, "p", "n", 0, PARAMS, family, {"reference_images": [a, b]}))
+    # a one-file input and a one-element list are different values (a family declares which one an input is)
+    assert ref_id(a) != job_id(MODEL, "p", "n", 0, PARAMS, family=family, inputs={"reference_images": a})
+
+
+def test_render_job_with_list_inputs_checks_its_id_and_round_trips():
+    from jobs.job import InputRef, RenderJob
+
+    refs = [InputRef(uri="/data/r2.png", sha256="bb" * 32), InputRef(uri="/data/r1.png", sha256="aa" * 32)]
+    video = InputRef(uri="s3://bucket/ctl.mp4", sha256="cc" * 32)
+    job = RenderJob.create(family="test-mixed", model_digest=MODEL, prompt="p", seed=1, params=PARAMS,
+                           negative_prompt="n", inputs={"reference_images": refs, "control_video": video})
+    assert job.input_digests() == {"reference_images": ["bb" * 32, "aa" * 32], "control_video": "cc" * 32}
+    assert job.input_uris() == {"reference_images": ["/data/r2.png", "/data/r1.png"],
+                                "control_video": "s3://bucket/ctl.mp4"}
+    assert job.job_id == job_id(MODEL, "p", "n", 1, PARAMS, family="test-mixed", inputs=job.input_digests())
+    dumped = job.model_dump()
+    assert dumped["inputs"]["reference_images"] == [r.model_dump() for r in refs]
+    assert RenderJob.model_validate(dumped) == job
+    # the same files in another order, or another file's content, is another job: a stale id is refused
+    for inputs in ({"reference_images": refs[::-1], "control_video": video},
+                   {"reference_images": [refs[0], InputRef(uri="/data/r1.png", sha256="dd" * 32)], "control_video": video}):
+        with pytest.raises(ValueError, match="does not match the job's content"):
+            RenderJob(**(dumped | {"inputs": inputs}))
+    with pytest.raises(ValueError, match="input reference_images: an empty list"):
+        RenderJob.create(family="test-mixed", model_digest=MODEL, prompt="p", seed=1, params=PARAMS,
+                         negative_prompt="n", inputs={"reference_images": []})

@@ -164,8 +164,8 @@ def test_parallel_digests_equal_sequential_and_each_file_is_read_once(tmp_path, 
         path.write_bytes(os.urandom(1000 + 997 * i))
         paths.append(str(path))
     missing = str(tmp_path / "missing.png")
-    uris = paths + [missing] + paths[::-1] + [missing]  # every file named twice
-    got = digest_inputs(uris, max_workers=8)
+    files = dict.fromkeys(paths + [missing] + paths[::-1] + [missing], "image")  # every file named twice
+    got = digest_inputs(files, max_workers=8)
     assert list(got) == paths + [missing]  # distinct uris, first-seen order
     assert sorted(hash_calls) == sorted(paths)  # each read once
     for path in paths:
@@ -187,16 +187,50 @@ def test_digest_inputs_runs_files_in_parallel_threads(tmp_path, monkeypatch):
     for i in range(4):
         (tmp_path / f"{i}.png").write_bytes(b"%d" % i)
         uris.append(str(tmp_path / f"{i}.png"))
-    assert digest_inputs(uris, max_workers=4) == {uri: _sha(Path(uri).read_bytes()) for uri in uris}
+    assert digest_inputs(dict.fromkeys(uris, "image"), max_workers=4) == {uri: _sha(Path(uri).read_bytes()) for uri in uris}
 
 
 def test_digest_inputs_bad_values_and_arguments(tmp_path):
-    got = digest_inputs([None, ""])
+    got = digest_inputs({None: "image", "": "video"})
     assert set(got) == {None, ""} and all(isinstance(v, InputError) for v in got.values())
-    assert digest_inputs([]) == {}
+    assert digest_inputs({}) == {}
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_workers"):
-            digest_inputs([str(tmp_path)], max_workers=bad)
+            digest_inputs({str(tmp_path): "image"}, max_workers=bad)
+    with pytest.raises(ValueError, match="unknown input file kinds 'images' \\(known: image, video\\)"):
+        digest_inputs({str(tmp_path): "images"})
+    with pytest.raises(TypeError, match="files must map each uri to its kind"):
+        digest_inputs([str(tmp_path)])
+
+
+def test_check_gets_each_files_kind_and_its_input_error_is_the_files_value(tmp_path):
+    # The driver's header check: each file is checked as the kind its column says, in the hashing thread,
+    # and a file that fails it is that file's value (InputError), the others unaffected.
+    for name in ("a.png", "b.png", "clip.mp4", "bad.mp4"):
+        (tmp_path / name).write_bytes(name.encode())
+    files = {str(tmp_path / n): kind for n, kind in
+             (("a.png", "image"), ("clip.mp4", "video"), ("b.png", "image"), ("bad.mp4", "video"))}
+    seen = []
+    lock = threading.Lock()
+
+    def check(uri, kind):
+        with lock:
+            seen.append((uri, kind))
+        if uri.endswith("bad.mp4"):
+            raise InputError(f"{uri}: not a video")
+
+    got = digest_inputs(files, max_workers=3, check=check)
+    assert sorted(seen) == sorted(files.items())  # every file checked once, as its kind
+    assert list(got) == list(files)
+    for uri in files:
+        if uri.endswith("bad.mp4"):
+            assert _one_line_naming(got[uri], uri).endswith("not a video")
+        else:
+            assert got[uri] == _sha(Path(uri).read_bytes())
+    # A file that cannot be read is not checked at all.
+    seen.clear()
+    missing = str(tmp_path / "missing.mp4")
+    assert isinstance(digest_inputs({missing: "video"}, check=check)[missing], InputError) and seen == []
 
 
 def test_inputs_module_imports_neither_torch_nor_ray():

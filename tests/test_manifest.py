@@ -550,3 +550,256 @@ def test_an_input_digest_column_cannot_be_passthrough(tmp_path):
     src = write(tmp_path / "m.parquet", {"prompt": ["p"], "image": ["a.png"], "image_sha256": ["x"]})
     with pytest.raises(ManifestError, match=r"\['image_sha256'\] are output-dataset columns"):
         read_family(src, I2V)
+
+
+# ------------------------------------------------------------------ video and list inputs, `needs`
+
+import hashlib  # noqa: E402
+
+from jobs.family import FamilySpec, InputSpec  # noqa: E402
+from jobs.inputs import digest_inputs  # noqa: E402
+
+# A made-up family with every input kind: one image, two videos (the mask needs the control
+# video) and an ordered list of reference images. Nothing here is a real family's rule.
+MIXED = FamilySpec("test-mixed", "Test Mixed", TINY.param_specs, inputs=(
+    InputSpec("image", "image", required=False),
+    InputSpec("control_video", "video", required=False),
+    InputSpec("mask_video", "video", required=False, needs="control_video"),
+    InputSpec("reference_images", "images", required=False),
+))
+REFS_REQUIRED = FamilySpec("test-refs", "Test Refs", TINY.param_specs,
+                           inputs=(InputSpec("reference_images", "images", required=True),))
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Recording:
+    """A digest callable that hashes (no header checks) and records what it was asked, and as what."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, files):
+        self.calls.append(dict(files))
+        return digest_inputs(files)
+
+
+def read_with(source, family, digest=None, **kw):
+    jobs, errors = [], []
+    for batch in read_manifest(source, model_digest=MODEL, family=family, digest=digest or Recording(), **kw):
+        jobs.extend(batch.jobs)
+        errors.extend(batch.errors)
+    return jobs, errors
+
+
+@pytest.fixture
+def media(tmp_path):
+    """Input files by name: three distinct images (one also under a second name) and two videos."""
+    contents = {"r1.png": b"image one", "r2.png": b"image two", "r3.png": b"image three", "copy_of_r1.png": b"image one",
+                "ctl.mp4": b"control video", "mask.mp4": b"mask video"}
+    (tmp_path / "media").mkdir()
+    for name, data in contents.items():
+        (tmp_path / "media" / name).write_bytes(data)
+    return {name: (str(tmp_path / "media" / name), _sha(data)) for name, data in contents.items()}
+
+
+def test_list_cells_single_strings_nulls_and_empty_lists(tmp_path, media):
+    refs = pa.array([["media/r1.png", "media/r2.png"], None, [], [" media/r2.png "], ["media/r1.png", None],
+                     ["media/r1.png", "  "], ["media/r3.png"]],
+                    pa.list_(pa.string()))
+    write(tmp_path / "a.parquet", {"prompt": [f"a{k}" for k in range(7)], "reference_images": refs})
+    # Another file of the same manifest holds the column as plain strings: one string is a one-element list.
+    write(tmp_path / "b.parquet", {"prompt": ["b0", "b1", "b2"], "reference_images": ["media/r1.png", "", None]})
+    recording = Recording()
+    jobs, errors = read_with(str(tmp_path / "*.parquet"), MIXED, recording)
+    assert [str(e) for e in errors] == [
+        "row 4: reference_images: element 1: must be a file path or URI, got None",
+        "row 5: reference_images: element 1: must be a file path or URI, got str '  '",
+        "row 8: reference_images: must be a file path or URI, got str ''",
+    ]
+    got = {j.row: [(ref.uri, ref.sha256) for ref in j.inputs["reference_images"]] if j.inputs else None for j in jobs}
+    r1, r2, r3 = media["r1.png"], media["r2.png"], media["r3.png"]
+    assert got == {0: [r1, r2], 1: None, 2: None, 3: [r2], 6: [r3], 7: [r1], 9: None}
+    # null and [] give no input at all: those rows are the same job (prompts differ, so not deduplicated here)
+    assert jobs[1].inputs == {} and jobs[2].inputs == {}
+    # one call per record batch, each distinct file once, as an image
+    assert recording.calls == [{r1[0]: "image", r2[0]: "image", r3[0]: "image"}, {r1[0]: "image"}]
+    for j in jobs:
+        RenderJob.model_validate(j.model_dump())  # the fast construction path built a valid job
+
+
+def test_a_bad_list_cell_type_and_a_list_for_a_one_file_input_are_row_errors(tmp_path, media):
+    write(tmp_path / "m.parquet", {"prompt": ["a", "b"], "reference_images": pa.array([7, None], pa.int64()),
+                                   "control_video": pa.array([None, ["media/ctl.mp4"]], pa.list_(pa.string()))})
+    jobs, errors = read_with(str(tmp_path / "m.parquet"), MIXED)
+    assert jobs == []
+    assert [str(e) for e in errors] == [
+        "row 0: reference_images: must be a list of file paths or URIs, got 7",
+        "row 1: control_video: must be a file path or URI, got list ['media/ctl.mp4']",
+    ]
+    write(tmp_path / "ints.parquet", {"prompt": ["a"], "reference_images": pa.array([[7]], pa.list_(pa.int64()))})
+    _, errors = read_with(str(tmp_path / "ints.parquet"), MIXED)
+    assert [str(e) for e in errors] == ["row 0: reference_images: element 0: must be a file path or URI, got 7"]
+
+
+def test_a_required_list_input_missing_or_empty_is_a_row_error(tmp_path, media):
+    write(tmp_path / "m.parquet", {"prompt": ["a", "b", "c"],
+                                   "reference_images": pa.array([None, [], ["media/r1.png"]], pa.list_(pa.string()))})
+    jobs, errors = read_with(str(tmp_path / "m.parquet"), REFS_REQUIRED)
+    assert [j.row for j in jobs] == [2]
+    assert [str(e) for e in errors] == [
+        "row 0: reference_images: is missing: the Test Refs family needs one or more images",
+        "row 1: reference_images: is missing: the Test Refs family needs one or more images",
+    ]
+    write(tmp_path / "none.parquet", {"prompt": ["a"]})  # no column at all
+    _, errors = read_with(str(tmp_path / "none.parquet"), REFS_REQUIRED)
+    assert [str(e) for e in errors] == ["row 0: reference_images: is missing: the Test Refs family needs one or more images"]
+
+
+def test_an_input_given_without_the_input_it_needs_is_a_row_error(tmp_path, media):
+    write(tmp_path / "m.parquet", {
+        "prompt": ["a", "b", "c", "d"],
+        "control_video": ["media/ctl.mp4", None, " ", None],
+        "mask_video": ["media/mask.mp4", "media/mask.mp4", "media/mask.mp4", None],
+    })
+    recording = Recording()
+    jobs, errors = read_with(str(tmp_path / "m.parquet"), MIXED, recording)
+    assert [j.row for j in jobs] == [0, 3]
+    assert {name: (ref.uri, ref.sha256) for name, ref in jobs[0].inputs.items()} == {
+        "control_video": media["ctl.mp4"], "mask_video": media["mask.mp4"]}
+    # row 2 gives a control video, a bad one: its error is that one, not a missing control video
+    assert [str(e) for e in errors] == [
+        "row 1: mask_video: needs control_video, which this row does not give",
+        "row 2: control_video: must be a file path or URI, got str ' '",
+    ]
+    assert recording.calls == [{media["ctl.mp4"][0]: "video", media["mask.mp4"][0]: "video"}]
+    # without a control_video column at all, too
+    write(tmp_path / "mask_only.parquet", {"prompt": ["a"], "mask_video": ["media/mask.mp4"]})
+    _, errors = read_with(str(tmp_path / "mask_only.parquet"), MIXED)
+    assert [str(e) for e in errors] == ["row 0: mask_video: needs control_video, which this row does not give"]
+
+
+def test_reference_images_enter_the_id_by_content_and_order_not_path(tmp_path, media):
+    rows = [["media/r1.png", "media/r2.png"],       # 0
+            ["media/r2.png", "media/r1.png"],       # 1: reordered: another job
+            ["media/copy_of_r1.png", "media/r2.png"],  # 2: same bytes under another name: row 0's job
+            ["media/r1.png", "media/r3.png"],       # 3: another image's content: another job
+            ["media/r1.png"],                       # 4: fewer images: another job
+            ["media/r1.png", "media/r2.png", "media/r2.png"]]  # 5: a repeated image counts
+    write(tmp_path / "m.parquet", {"prompt": ["p"] * len(rows), "seed": [0] * len(rows),
+                                   "reference_images": pa.array(rows, pa.list_(pa.string()))})
+    recording = Recording()
+    batches = list(read_manifest(str(tmp_path / "m.parquet"), model_digest=MODEL, family=MIXED, digest=recording))
+    jobs = [j for b in batches for j in b.jobs]
+    assert [j.row for j in jobs] == [0, 1, 3, 4, 5] and sum(b.duplicates for b in batches) == 1
+    assert len({j.job_id for j in jobs}) == 5
+    sha = {name: value[1] for name, value in media.items()}
+    expected = [[sha["r1.png"], sha["r2.png"]], [sha["r2.png"], sha["r1.png"]], [sha["r1.png"], sha["r3.png"]],
+                [sha["r1.png"]], [sha["r1.png"], sha["r2.png"], sha["r2.png"]]]
+    for j, digests in zip(jobs, expected):
+        assert j.input_digests() == {"reference_images": digests}
+        assert j.job_id == job_id(MODEL, "p", j.negative_prompt, 0, j.params, "test-mixed", {"reference_images": digests})
+    # four distinct files, each asked for once though named eleven times
+    assert recording.calls == [{media[n][0]: "image" for n in ("copy_of_r1.png", "r1.png", "r2.png", "r3.png")}]
+
+
+def test_a_missing_list_element_file_fails_its_row_and_the_others_go_on(tmp_path, media):
+    write(tmp_path / "m.parquet", {
+        "prompt": ["a", "b", "c"],
+        "reference_images": pa.array([["media/r1.png", "media/gone.png"], ["media/r2.png"], None],
+                                     pa.list_(pa.string())),
+        "image": ["media/r3.png", "media/gone.png", None],
+    })
+    jobs, errors = read_with(str(tmp_path / "m.parquet"), MIXED)
+    assert [j.row for j in jobs] == [2]
+    gone = str(tmp_path / "media" / "gone.png")
+    assert [(e.row, e.field) for e in errors] == [(0, "reference_images"), (1, "image")]
+    assert str(errors[0]) == f"row 0: reference_images: element 1: {gone}: no such file"
+    assert str(errors[1]) == f"row 1: image: {gone}: no such file"
+
+
+def test_a_file_named_as_two_kinds_is_checked_as_each(tmp_path, media):
+    write(tmp_path / "m.parquet", {"prompt": ["a", "b"], "control_video": ["media/ctl.mp4", None],
+                                   "reference_images": pa.array([None, ["media/ctl.mp4"]], pa.list_(pa.string()))})
+    recording = Recording()
+    jobs, errors = read_with(str(tmp_path / "m.parquet"), MIXED, recording)
+    ctl = media["ctl.mp4"][0]
+    assert recording.calls == [{ctl: "video"}, {ctl: "image"}]
+    assert errors == [] and [j.row for j in jobs] == [0, 1]
+
+
+def test_the_drivers_digest_probes_images_and_videos_by_kind(tmp_path, media, monkeypatch):
+    # The driver's digest checks each image's header with probe_image and each video's with
+    # engine.video_input.probe_video (stood in for here: a fake module that accepts "*.mp4" files).
+    import types
+
+    from jobs.inputs import InputError
+    from pipeline.driver import digest_and_probe
+
+    probed = []
+
+    def probe_video(uri):
+        probed.append(uri)
+        if not uri.endswith(".mp4"):
+            raise InputError(f"{uri}: not a video (fake probe)")
+        return 64, 48, 9
+
+    monkeypatch.setitem(sys.modules, "engine.video_input", types.SimpleNamespace(probe_video=probe_video))
+    from run_helpers import write_png
+
+    write_png(tmp_path / "media" / "real.png")
+    write(tmp_path / "m.parquet", {
+        "prompt": ["a", "b", "c"],
+        "control_video": ["media/ctl.mp4", "media/real.png", None],
+        "reference_images": pa.array([["media/real.png"], None, ["media/real.png", "media/r1.png"]],
+                                     pa.list_(pa.string())),
+    })
+    jobs, errors = read_with(str(tmp_path / "m.parquet"), MIXED, digest_and_probe)
+    assert [j.row for j in jobs] == [0]
+    assert sorted(probed) == sorted([media["ctl.mp4"][0], str(tmp_path / "media" / "real.png")])
+    assert [(e.row, e.field) for e in errors] == [(1, "control_video"), (2, "reference_images")]
+    assert errors[0].reason.endswith("real.png: not a video (fake probe)")
+    assert errors[1].reason == f"element 1: {media['r1.png'][0]}: not a PNG, JPEG or WebP image"
+
+
+def test_another_familys_list_input_is_a_row_error_unless_empty(tmp_path):
+    write(tmp_path / "m.parquet", {"prompt": ["a", "b", "c"],
+                                   "reference_images": pa.array([None, [], ["x.png"]], pa.list_(pa.string()))})
+    jobs, errors = read_with(str(tmp_path / "m.parquet"), TINY, foreign=frozenset(MIXED.input_names))
+    assert [j.row for j in jobs] == [0, 1] and jobs[1].passthrough == {}
+    assert [(e.row, e.field) for e in errors] == [(2, "reference_images")]
+
+
+def test_family_specs_refuse_bad_input_declarations():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        InputSpec("x", "audio", required=False)
+    with pytest.raises(ValueError, match="cannot need itself"):
+        InputSpec("x", "video", required=False, needs="x")
+    with pytest.raises(ValueError, match="needs 'nothing', which is not one of its inputs"):
+        FamilySpec("f", "F", TINY.param_specs, inputs=(InputSpec("m", "video", required=False, needs="nothing"),))
+    with pytest.raises(ValueError, match="duplicate input names"):
+        FamilySpec("f", "F", TINY.param_specs, inputs=(InputSpec("m", "video", False), InputSpec("m", "image", False)))
+    with pytest.raises(ValueError, match=r"\['steps'\] are both parameters and inputs"):
+        FamilySpec("f", "F", TINY.param_specs, inputs=(InputSpec("steps", "image", False),))
+
+
+def test_family_check_inputs_normalises_lists_and_checks_needs():
+    assert MIXED.check_inputs({"reference_images": "a.png", "image": "b.png"}) == {
+        "reference_images": ["a.png"], "image": "b.png"}
+    assert MIXED.check_inputs({"reference_images": ("a.png", "b.png")}) == {"reference_images": ["a.png", "b.png"]}
+    assert MIXED.check_inputs({"reference_images": []}) == {}
+    for inputs, message in [
+        ({"mask_video": "m.mp4"}, "input mask_video needs input control_video, which is not given"),
+        ({"control_video": ["c.mp4"]}, "input control_video: must be a file path or URI, got ['c.mp4']"),
+        ({"reference_images": ["a.png", ""]}, "input reference_images: element 1: must be a file path or URI"),
+        ({"reference_images": 3}, "input reference_images: must be a list of file paths or URIs, got int"),
+        ({"audio": "a.wav"}, "the Test Mixed family takes no input 'audio' (its inputs: image, control_video, "
+                             "mask_video, reference_images)"),
+    ]:
+        with pytest.raises(ValueError) as exc:
+            MIXED.check_inputs(inputs)
+        assert message in str(exc.value), inputs
+    with pytest.raises(ValueError, match=r"the Test Refs family needs inputs \['reference_images'\]"):
+        REFS_REQUIRED.check_inputs({"reference_images": []})

@@ -6,7 +6,8 @@ this table. Nothing in `jobs/`, `pipeline/` or the other families changes.
 """
 from __future__ import annotations
 
-from engine.families import wan21_i2v, wan21_t2v, wan22_i2v_a14b, wan22_t2v_a14b, wan22_ti2v_5b
+from engine.families import (wan21_i2v, wan21_t2v, wan21_vace, wan22_i2v_a14b, wan22_t2v_a14b, wan22_ti2v_5b,
+                              wan22_vace_fun_a14b)
 from engine.families.base import Family, ModelSetError, RenderError
 
 FAMILIES: dict[str, Family] = {
@@ -17,6 +18,8 @@ FAMILIES: dict[str, Family] = {
         wan22_t2v_a14b.FAMILY,
         wan22_i2v_a14b.FAMILY,
         wan22_ti2v_5b.FAMILY,
+        wan21_vace.FAMILY,
+        wan22_vace_fun_a14b.FAMILY,
     )
 }
 

@@ -64,7 +64,7 @@ class Pipeline(Protocol):
     """A family's loaded weights (DiT(s), VAE) and its denoising loop."""
 
     def denoise(self, cond: torch.Tensor, uncond: torch.Tensor, seed: int, params: RenderParams,
-                inputs: dict[str, str], progress: ProgressFn | None) -> torch.Tensor:
+                inputs: dict[str, str | list[str]], progress: ProgressFn | None) -> torch.Tensor:
         """Final latents [C, T, h, w] of one job, from the text embeddings [L, text_dim] and input paths."""
         ...
 

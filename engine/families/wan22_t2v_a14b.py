@@ -44,7 +44,8 @@ VAE_STRIDE = (4, 8, 8)
 
 
 def recognise(dits: list[DitFile], vaes: list[VaeFile]) -> dict[str, Path] | None:
-    return expert_pair(dits, vaes, lambda d: d.config.in_dim == 16 and d.config.out_dim == 16, 16, SPEC.title)
+    return expert_pair(dits, vaes, lambda d: d.config.in_dim == 16 and d.config.out_dim == 16
+                       and d.config.vace_layers is None, 16, SPEC.title)
 
 
 class Wan22T2VA14B:
