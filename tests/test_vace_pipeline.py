@@ -129,11 +129,16 @@ def test_vace_fun_a14b_renders_a_control_video_through_run(ray_session, files, t
     assert list(df["boundary"]) == [0.875, 0.5] and df["frames_sha256"].nunique() == 2
 
 
-def test_render_with_control_video_mask_and_references(vace_model, files, tmp_path, capsys):
+@pytest.mark.parametrize("family", ["wan2.1-vace", "wan2.2-vace-fun-a14b"])
+def test_render_with_control_video_mask_and_references(vace_model, files, tmp_path, capsys, family):
     from engine.model_set import ModelSet
     from engine.render import Engine
+    from engine.tiny import make_tiny_model
     from pipeline.cli import main
 
+    if family != "wan2.1-vace":
+        vace_model = tmp_path / "model"
+        make_tiny_model(vace_model, family=family)
     out = tmp_path / "x.mp4"
     args = ["render", "--model", str(vace_model), "--prompt", "a fox", "--seed", "3", "--device", "cpu",
             "--control-video", str(files["control"]), "--mask-video", str(files["mask"]),
@@ -141,6 +146,7 @@ def test_render_with_control_video_mask_and_references(vace_model, files, tmp_pa
     assert main(args) == 0
     printed = capsys.readouterr().out
     models = ModelSet.from_dir(vace_model)
+    assert models.family == family and f": {family}," in printed
     inputs = {"control_video": str(files["control"]), "mask_video": str(files["mask"]),
               "reference_images": [str(files["a"]), str(files["b"])]}
     expected = Engine(models).render("a fox", 3, models.spec.params(context_scale=0.7), inputs=inputs)
