@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/text_encoder.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/lora.py
 
 reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py

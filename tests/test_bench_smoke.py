@@ -1,0 +1,77 @@
+"""bench/gpu_check.sh at its CPU smoke size: the benches a lent GPU machine runs in one go work here first.
+
+The GPU machine is lent rarely and for minutes, so its one prepared command must not die of a
+typo or a renamed API: here every bench it runs (bench/gpu.py, bench/lora.py) runs at tiny sizes
+through the same script, and writes the figures its JSON promises. Timings are not checked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+GPU_VARIANTS = {"ours_dequantize_once", "ours_lora", "ours_on_the_fly", "diffusers_gguf", "diffusers_gguf_pipeline",
+                "diffusers_dense"}
+
+
+def run_script(out: Path, python: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "PYTHON": python}
+    env.pop("SMOKE_EXPERTS", None)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_smoke_runs_every_bench_and_writes_the_promised_figures(tmp_path):
+    proc = run_script(tmp_path, sys.executable, "--smoke")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "== gpu: ok" in summary and "== lora: ok" in summary and "== all: ok" in summary
+
+    gpu = json.loads((tmp_path / "gpu.json").read_text())
+    assert gpu["smoke"] is True and gpu["device"] == "cpu"
+    assert set(gpu["steps"]) == GPU_VARIANTS
+    for key, row in gpu["steps"].items():
+        assert "error" not in row, (key, row)
+        assert row["s"] > 0 and len(row["samples_s"]) == gpu["repeat"] and row["label"]
+    # The same file read by both implementations computes the same thing (float32 here).
+    assert gpu["steps"]["diffusers_dense"]["max_rel_difference"] < 1e-3
+    assert gpu["steps"]["diffusers_gguf"]["max_rel_difference"] < 1e-2
+    assert gpu["steps"]["ours_lora"]["max_rel_difference"] is None  # a LoRA changes the output: not compared
+    assert gpu["ratio_vs_ours"]["ours_dequantize_once"] == 1.0
+    assert set(gpu["mfu"]) == GPU_VARIANTS and gpu["peak_tflops"] > 0 and gpu["step_tflop"] > 0
+    video = gpu["video"]
+    for render in (video["cold"], video["warm"]):  # guidance 1.0: one forward of one row per step
+        assert (render["forwards"], render["rows"]) == (4, 4)
+        assert render["frames"] == [5, 64, 64, 3]
+        assert set(render["timings"]) >= {"text_s", "lora_s", "denoise_s", "decode_s"}
+    assert video["estimate_50_steps_cfg_s"] > 0
+
+    lora = json.loads((tmp_path / "lora.json").read_text())
+    assert {(r["policy"], r["loras"], r["rank"]) for r in lora["steps"]} == {
+        (policy, n, rank) for policy in ("dequantize_once", "on_the_fly") for n, rank in ((0, None), (1, 32))}
+    assert all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in lora["steps"])
+    assert set(lora["one_rank32_lora_overhead_pct"]) == {"dequantize_once", "on_the_fly"}
+    inside = [r for r in lora["steps"] if "side_path_ms" in r]  # one rank-32 LoRA's side paths, per policy
+    assert [(r["policy"], r["loras"], r["rank"]) for r in inside] == [("dequantize_once", 1, 32), ("on_the_fly", 1, 32)]
+    assert all(0 < r["side_path_ms"] < r["ms"] for r in inside)
+    merge = lora["merge"]
+    assert merge["rank"] == 32 and merge["layers"] == 2 * 10  # 2 blocks x 10 linear layers
+    for policy in ("dequantize_once", "on_the_fly"):
+        assert merge[policy]["switch_s"] > 0 and merge[policy]["extra_device_bytes"] > merge["side_path_device_bytes"]
+    recipes = lora["per_video"]["recipes"]
+    assert (recipes["full"]["forwards"], recipes["full"]["rows"]) == (6, 12)  # --smoke: 6 CFG steps
+    assert (recipes["distilled"]["forwards"], recipes["distilled"]["rows"]) == (4, 4)
+    assert recipes["distilled"]["params"]["guidance"] == 1.0
+
+
+def test_a_failing_bench_fails_the_run_and_says_which(tmp_path):
+    # A "python" that fails at once: every stage fails, the script goes on to the next and exits 1.
+    proc = run_script(tmp_path, "false", "--smoke")
+    assert proc.returncode == 1
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "== gpu: FAILED (exit 1)" in summary and "== lora: FAILED (exit 1)" in summary
+    assert "== all: FAILED" in summary
