@@ -119,7 +119,8 @@ def _describe_dit(info: dict[str, Any], path: Path, shapes: dict, metadata: dict
             spec = _spec_with_file_defaults(family.spec, path)
         except ModelSetError as err:  # defaults written for another family (a renamed tiny expert)
             info["problem"] = str(err)
-    info["defaults"] = spec.defaults().model_dump()
+    # a parameter a job may leave out (step_list: None) has no default to show
+    info["defaults"] = {name: value for name, value in spec.defaults().items() if value is not None}
 
 
 def family_of(dit: DitFile):

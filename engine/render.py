@@ -7,9 +7,10 @@ are the families' own (`engine/families/`), written out one per family.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +92,7 @@ class Engine:
         policy: str = "dequantize_once",
         cache_bytes: int = 1 << 30,
         cpu_threads: int = CPU_THREADS,
+        lora_cache_bytes: int = 4 << 30,
         **pipeline_options,
     ):
         from engine.gguf import GGUFFile
@@ -119,6 +121,32 @@ class Engine:
         self.encoder_digest = f"{file_digest(files['text_encoder'])}:{self.tokenizer.digest}"
         self.embeddings = EmbeddingCache(cache_bytes)
         self.text_encoder_calls = 0
+        from engine.lora import LoraCache
+
+        self.loras = LoraCache(lora_cache_bytes)  # each LoRA file read once, while it fits
+
+    def lora_targets(self) -> dict[str, torch.nn.Module]:
+        """The DiT each LoRA input applies to: "loras" -> the DiT, "loras_high" / "loras_low" -> the experts."""
+        experts = getattr(self.pipeline, "experts", None)
+        if experts is not None:
+            return {"loras_high": experts.high, "loras_low": experts.low}
+        return {"loras": self.pipeline.dit}
+
+    @contextlib.contextmanager
+    def applied_loras(self, loras: Mapping[str, Sequence[tuple[str, float]]]) -> Iterator[None]:
+        """The job's LoRAs ({LoRA input: [(path, strength)]}) on their DiTs while the job denoises, as a
+        side path beside each layer (weights untouched; the model is exactly as before afterwards)."""
+        from engine.lora import LoraError, applied
+
+        targets = self.lora_targets()
+        with contextlib.ExitStack() as stack:
+            for name, refs in loras.items():
+                try:
+                    files = [(self.loras.get(path), strength) for path, strength in refs]
+                    stack.enter_context(applied(targets[name], files))
+                except LoraError as exc:
+                    raise RenderError(str(exc)) from None
+            yield
 
     @property
     def placement(self) -> dict | None:
@@ -181,7 +209,11 @@ class Engine:
         timings["text_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        latents = self.pipeline.denoise(cond, uncond, seed, params, inputs, progress)
+        loras = {name: inputs.pop(name) for name in list(inputs) if self.spec.input_spec(name).kind == "loras"}
+        with self.applied_loras(loras):
+            timings["lora_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            latents = self.pipeline.denoise(cond, uncond, seed, params, inputs, progress)
         timings["denoise_s"] = time.perf_counter() - start
 
         start = time.perf_counter()

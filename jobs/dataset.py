@@ -205,12 +205,17 @@ def make_row(
         "row": job.row,
     }
     # The family's other parameters (guidance_2, boundary, ...) and its inputs
-    # (path and content digest) follow the fixed columns, then the passthrough.
-    family_columns = {name: value for name, value in params.items() if name not in row}
+    # (path and content digest; a LoRA list also its strengths) follow the fixed
+    # columns, then the passthrough.
+    # A list parameter (step_list) is a list<int64> column, null where the job does not give it.
+    family_columns = {name: list(value) if isinstance(value, tuple) else value
+                      for name, value in params.items() if name not in row}
     for name, ref in job.inputs.items():
         if isinstance(ref, list):  # a list input: both columns are lists, in the input's order
             family_columns[name] = [r.uri for r in ref]
             family_columns[f"{name}_sha256"] = [r.sha256 for r in ref]
+            if ref and ref[0].strength is not None:  # LoRAs: their strengths too
+                family_columns[f"{name}_strength"] = [r.strength for r in ref]
         else:
             family_columns[name] = ref.uri
             family_columns[f"{name}_sha256"] = ref.sha256
@@ -239,15 +244,13 @@ def _passthrough_array(name: str, values: list[Any]) -> pa.Array:
 
 
 def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """The dataset table of `rows`: `OUTPUT_SCHEMA` followed by the passthrough columns in first-seen order."""
+    """The dataset table of `rows`: `OUTPUT_SCHEMA` followed by the family's and the passthrough columns,
+    sorted by name: rows read back from sidecars (canonical JSON, keys sorted) and rows made in
+    memory give the same column order, so a resumed run rewrites the same dataset."""
     rows = list(rows)
     columns = {name: [r[name] for r in rows] for name in OUTPUT_SCHEMA.names}
     table = pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
-    extra: dict[str, None] = {}
-    for r in rows:
-        for name in r:
-            if name not in OUTPUT_COLUMNS:
-                extra.setdefault(name)
+    extra = sorted({name for r in rows for name in r if name not in OUTPUT_COLUMNS})
     for name in extra:
         table = table.append_column(name, _passthrough_array(name, [r.get(name) for r in rows]))
     return table

@@ -14,11 +14,46 @@ from typing import Any, Literal
 from jobs.inputs import FileKind
 from jobs.params import DEFAULT_NEGATIVE_PROMPT, ParamSpec, RenderParams
 
-# What an input names: one image file, one video file, or an ordered list of image files.
-InputKind = Literal["image", "video", "images"]
-INPUT_KINDS: tuple[InputKind, ...] = ("image", "video", "images")
-_FILE_KIND: dict[str, FileKind] = {"image": "image", "video": "video", "images": "image"}
-_WHAT = {"image": "an image", "video": "a video", "images": "one or more images"}
+# What an input names: one image file, one video file, an ordered list of image files, or an
+# ordered list of LoRA files, each with its strength ("PATH[:STRENGTH]").
+InputKind = Literal["image", "video", "images", "loras"]
+INPUT_KINDS: tuple[InputKind, ...] = ("image", "video", "images", "loras")
+_FILE_KIND: dict[str, FileKind] = {"image": "image", "video": "video", "images": "image", "loras": "lora"}
+_WHAT = {"image": "an image", "video": "a video", "images": "one or more images",
+         "loras": "LoRA files (PATH[:STRENGTH])"}
+DEFAULT_LORA_SLOTS = ("loras",)  # one DiT: one LoRA set; the A14B families have "loras_high", "loras_low"
+
+
+def lora_pair(name: str, k: int, item: Any) -> tuple[str, float]:
+    """Element k of LoRA input `name` as (path, strength), from "PATH[:STRENGTH]" or a pair; ValueError naming it."""
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        path, strength = item
+        if isinstance(path, str) and path.strip() and isinstance(strength, (int, float)) \
+                and not isinstance(strength, bool) and abs(float(strength)) != float("inf") and strength == strength:
+            return path, float(strength) + 0.0
+        raise ValueError(f"input {name}: element {k}: must be (path, finite strength), got {item!r:.80}")
+    try:
+        return parse_lora_ref(item)
+    except ValueError as exc:
+        raise ValueError(f"input {name}: element {k}: {exc}") from None
+
+
+def parse_lora_ref(text: str) -> tuple[str, float]:
+    """"PATH[:STRENGTH]" -> (path, strength); strength 1.0 when omitted. The text after the last ':'
+    is a strength only when it reads as a finite number, so `s3://b/x.safetensors` and `C:/x` are paths."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"must be PATH[:STRENGTH], got {text!r:.80}")
+    text = text.strip()
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            strength = float(tail)
+        except ValueError:
+            return text, 1.0
+        if strength != strength or strength in (float("inf"), float("-inf")):
+            raise ValueError(f"{text!r:.80}: the strength must be a finite number")
+        return path, strength + 0.0
+    return text, 1.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +79,7 @@ class InputSpec:
     @property
     def is_list(self) -> bool:
         """True when the input is a list of files (a list<string> manifest column)."""
-        return self.kind == "images"
+        return self.kind in ("images", "loras")
 
     @property
     def file_kind(self) -> FileKind:
@@ -66,9 +101,18 @@ class FamilySpec:
     param_specs: tuple[ParamSpec, ...]
     inputs: tuple[InputSpec, ...] = ()
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    # The LoRA inputs, one per DiT the family runs ("loras"; "loras_high" and "loras_low" for an
+    # expert pair): each becomes an optional "loras" input of that name.
+    lora_slots: tuple[str, ...] = DEFAULT_LORA_SLOTS
     _by_name: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        have = {spec.name for spec in self.inputs}
+        loras = tuple(InputSpec(slot, "loras", required=False, help="LoRA files applied to "
+                                + ("the DiT" if slot == "loras" else f"the {slot.removeprefix('loras_')}-noise expert")
+                                + ", in order, each PATH[:STRENGTH] (strength 1.0 when omitted)")
+                      for slot in self.lora_slots if slot not in have)
+        object.__setattr__(self, "inputs", tuple(self.inputs) + loras)
         by_name = {spec.name: spec for spec in self.param_specs}
         if len(by_name) != len(self.param_specs):
             raise ValueError(f"family {self.name}: duplicate parameter names")
@@ -101,9 +145,11 @@ class FamilySpec:
         """`inputs` ({name: path or URI, or a list of them for a list input}) normalised, or ValueError naming the input.
 
         A list input also takes one string (a one-element list); an empty list
-        is not given. Every required input must be given, every `needs` met.
+        is not given. A "loras" input's elements are "PATH[:STRENGTH]" strings or
+        (path, strength) pairs, normalised to pairs. Every required input must be
+        given, every `needs` met.
         """
-        out: dict[str, str | list[str]] = {}
+        out: dict[str, Any] = {}
         for name, value in inputs.items():
             spec = self.input_spec(name)
             if spec is None:
@@ -113,8 +159,10 @@ class FamilySpec:
                 values = [value] if isinstance(value, str) else value
                 if not isinstance(values, (list, tuple)):
                     raise ValueError(f"input {name}: must be a list of file paths or URIs, got {type(value).__name__}")
+                if spec.kind == "loras":
+                    values = [lora_pair(name, k, item) for k, item in enumerate(values)]
                 for k, item in enumerate(values):
-                    if not isinstance(item, str) or not item.strip():
+                    if spec.kind != "loras" and (not isinstance(item, str) or not item.strip()):
                         raise ValueError(f"input {name}: element {k}: must be a file path or URI, got {item!r:.60}")
                 if values:
                     out[name] = list(values)
@@ -145,6 +193,8 @@ class FamilySpec:
         """`base` (the defaults when None) with `changes` checked and applied.
 
         Raises ValueError naming the first bad parameter: "width: must be ...".
+        A `step_list` decides the step count: `steps` becomes its length unless
+        `changes` gives steps too, which must then agree with it.
         """
         values = dict(base if base is not None else self.defaults())
         for name, value in changes.items():
@@ -152,6 +202,11 @@ class FamilySpec:
                 values[name] = self.check_param(name, value)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        step_list = values.get("step_list")
+        if step_list is not None and "steps" in values:
+            if "steps" in changes and values["steps"] != len(step_list):
+                raise ValueError(f"steps {values['steps']} disagrees with step_list of {len(step_list)} entries")
+            values["steps"] = len(step_list)
         return RenderParams(values)
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> "FamilySpec":
@@ -167,4 +222,10 @@ class FamilySpec:
         unknown = sorted(set(defaults) - set(self._by_name))
         if unknown:
             raise ValueError(f"defaults for parameters the {self.title} family does not have: {unknown}")
+        if defaults.get("step_list") is not None:  # a distilled model's own list sets its step count
+            try:
+                steps = self.params(**{k: defaults[k] for k in ("steps", "step_list") if k in defaults}).steps
+            except ValueError as exc:
+                raise ValueError(f"defaults: {exc}") from None
+            specs = [replace(spec, default=steps) if spec.name == "steps" else spec for spec in specs]
         return replace(self, param_specs=tuple(specs))

@@ -2,7 +2,8 @@
 
 A job id is the sha256 of the canonical JSON of everything that decides a
 job's frames: the family, the model set's digest, the prompt, the negative
-prompt, the seed, every render parameter and the content digest of every
+prompt, the seed, every render parameter given (a parameter whose value is
+None, not given, is left out) and the content digest of every
 conditioning input, tagged with a schema version (`JOB_SCHEMA`) so that
 a future change of the recipe cannot collide with today's ids. Canonical JSON:
 sorted keys, no whitespace, UTF-8 without ASCII escaping, floats written by
@@ -47,7 +48,9 @@ _json_str = json.encoder.encode_basestring
 @functools.lru_cache(maxsize=4096)
 def _params_json(params: RenderParams) -> str:
     # RenderParams is immutable and hashable; a manifest has few distinct ones.
-    return canonical_json(params.model_dump()).decode("utf-8")
+    # A parameter not given (None: a step_list of a job that has none) is left out, so a
+    # parameter added later keeps the ids of every job that does not use it.
+    return canonical_json({name: value for name, value in params.items() if value is not None}).decode("utf-8")
 
 
 # Families whose job ids predate the `family` key: Wan2.1 T2V was the only

@@ -30,8 +30,8 @@ _CHUNK = 1024 * 1024  # bytes per read while hashing; several files are hashed a
 _CACHE_SIZE = 65536  # digests kept; a manifest may name millions of distinct images
 _READ_TRIES = 3  # a file that changes while being hashed is hashed again, this many times in all
 
-FileKind = Literal["image", "video"]  # what one input file holds (a list input's elements are images)
-FILE_KINDS: tuple[FileKind, ...] = ("image", "video")
+FileKind = Literal["image", "video", "lora"]  # what one input file holds (an "images" list holds images)
+FILE_KINDS: tuple[FileKind, ...] = ("image", "video", "lora")
 
 
 class InputError(ValueError):

@@ -31,19 +31,29 @@ class InputRef(BaseModel):
 
     uri: str  # an absolute local path or a pyarrow filesystem URI
     sha256: str
+    strength: float | None = None  # a LoRA's strength; None for every other input
 
 
 InputValue = InputRef | list[InputRef]  # one file, or an ordered list of files (an "images" input)
 
 
-def input_digests(inputs: dict[str, InputValue]) -> dict[str, str | list[str]]:
-    """{name: content digest, or the list of its files' digests in order}: what the job id holds of its inputs."""
-    return {name: [r.sha256 for r in ref] if ref.__class__ is list else ref.sha256 for name, ref in inputs.items()}
+def _digest(ref: InputRef) -> str | list:
+    return ref.sha256 if ref.strength is None else [ref.sha256, ref.strength]
 
 
-def input_uris(inputs: dict[str, InputValue]) -> dict[str, str | list[str]]:
-    """{name: path or URI, or the list of them in order}: what the engine reads."""
-    return {name: [r.uri for r in ref] if ref.__class__ is list else ref.uri for name, ref in inputs.items()}
+def _where(ref: InputRef) -> str | tuple[str, float]:
+    return ref.uri if ref.strength is None else (ref.uri, ref.strength)
+
+
+def input_digests(inputs: dict[str, InputValue]) -> dict[str, str | list]:
+    """{name: content digest, or the list of its files' digests in order; a LoRA as [digest, strength]}:
+    what the job id holds of its inputs."""
+    return {name: [_digest(r) for r in ref] if ref.__class__ is list else _digest(ref) for name, ref in inputs.items()}
+
+
+def input_uris(inputs: dict[str, InputValue]) -> dict[str, str | list]:
+    """{name: path or URI, or the list of them in order; a LoRA as (path, strength)}: what the engine reads."""
+    return {name: [_where(r) for r in ref] if ref.__class__ is list else _where(ref) for name, ref in inputs.items()}
 
 
 class RenderJob(BaseModel):
@@ -95,6 +105,12 @@ class RenderJob(BaseModel):
         if self.job_id != expected:
             raise ValueError(f"job_id {self.job_id!r:.80} does not match the job's content ({expected})")
         return self
+
+    def lora_key(self) -> tuple:
+        """The job's LoRAs as ((input name, ((sha256, strength), ...)), ...): equal for jobs that render
+        with the same LoRA set, () for none."""
+        return tuple((name, tuple((r.sha256, r.strength) for r in ref)) for name, ref in sorted(self.inputs.items())
+                     if ref.__class__ is list and ref and ref[0].strength is not None)
 
     def input_digests(self) -> dict[str, str | list[str]]:
         """{name: content digest, or the list of digests of a list input}."""

@@ -114,6 +114,8 @@ def _hash_inputs(specs: list, digest: DigestInputs, kinds: Mapping[str, FileKind
         for name, ref in spec.inputs.items():
             kind = kinds[name]
             for uri in (ref if ref.__class__ is list else (ref,)):
+                if uri.__class__ is tuple:  # a LoRA: (path, strength)
+                    uri = uri[0]
                 for wanted in rounds:
                     if wanted.setdefault(uri, kind) == kind:
                         break
@@ -125,10 +127,14 @@ def _hash_inputs(specs: list, digest: DigestInputs, kinds: Mapping[str, FileKind
             results = digest(dict(sorted(wanted.items())))
             found.update(((uri, kind), results[uri]) for uri, kind in wanted.items())
 
-    def ref_of(uri: str, kind: FileKind, name: str, row: int, errors: list, where: str = "") -> InputRef | None:
+    def ref_of(uri: str | tuple[str, float], kind: FileKind, name: str, row: int, errors: list,
+               where: str = "") -> InputRef | None:
+        strength = None
+        if uri.__class__ is tuple:  # a LoRA: (path, strength)
+            uri, strength = uri
         result = found[uri, kind]
         if isinstance(result, str):
-            return InputRef(uri=uri, sha256=result)
+            return InputRef(uri=uri, sha256=result, strength=strength)
         errors.append(RowError(row, name, f"{where}{result}"))
         return None
 
@@ -163,11 +169,13 @@ def read_manifest(
     foreign: frozenset[str] = frozenset(),
     batch_rows: int = 65536,
     digest: DigestInputs = digest_inputs,
+    input_defaults: Mapping[str, Sequence[Any]] | None = None,
 ) -> Iterator[ManifestBatch]:
     """Stream the jobs and row errors of a manifest source, `batch_rows` rows (and at most that many jobs) at a time.
 
     `family` gives the render parameters (with their defaults) and inputs a
-    row may have; `foreign` the names of other families' parameters and inputs.
+    row may have; `foreign` the names of other families' parameters and inputs;
+    `input_defaults` what a list input ("loras") is in rows that leave it null.
     The source is listed and every file's footer read before this returns, so
     a missing or non-Parquet file raises `ManifestError` here, not halfway.
     """
@@ -175,8 +183,9 @@ def read_manifest(
         raise ValueError(f"model_digest must be a non-empty string, got {model_digest!r:.80}")
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r:.80}")
-    parser = RowParser(family, seeds, foreign)
-    reserved = (OUTPUT_COLUMNS - parser.known) | {f"{name}_sha256" for name in family.input_names}
+    parser = RowParser(family, seeds, foreign, input_defaults)
+    reserved = (OUTPUT_COLUMNS - parser.known) | {f"{name}_sha256" for name in family.input_names} \
+        | {f"{spec.name}_strength" for spec in family.inputs if spec.kind == "loras"}
     kinds = {spec.name: spec.file_kind for spec in family.inputs}
     plans = [plan_columns(f, parser.known, frozenset(reserved)) for f in list_files(source)]
 
@@ -233,6 +242,7 @@ def load_jobs(
     foreign: frozenset[str] = frozenset(),
     batch_rows: int = 65536,
     digest: DigestInputs = digest_inputs,
+    input_defaults: Mapping[str, Sequence[Any]] | None = None,
 ) -> tuple[list[RenderJob], list[RowError], int]:
     """All jobs, all row errors and the row count of a manifest, in memory (for a driver that
     schedules the whole job list anyway; `read_manifest` streams)."""
@@ -240,7 +250,7 @@ def load_jobs(
     errors: list[RowError] = []
     n_rows = 0
     for batch in read_manifest(source, model_digest=model_digest, family=family, seeds=seeds,
-                               foreign=foreign, batch_rows=batch_rows, digest=digest):
+                               foreign=foreign, batch_rows=batch_rows, digest=digest, input_defaults=input_defaults):
         jobs.extend(batch.jobs)
         errors.extend(batch.errors)
         n_rows = batch.rows_read

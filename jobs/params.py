@@ -7,7 +7,9 @@ part of a job's identity (`jobs.identity`), so values are normalised once:
 integers are Python ints, floats are Python floats (`guidance=5` and
 `guidance=5.0` are one job), and anything that is not clearly the right kind of
 value is refused instead of coerced (a bool is not an integer, "50" is not a
-step count, NaN is not a guidance scale).
+step count, NaN is not a guidance scale). A parameter whose default is None
+(`step_list`) is "not given" until a job gives it; not given, it is left out
+of the job's identity, so adding such a parameter keeps every existing job id.
 """
 from __future__ import annotations
 
@@ -81,10 +83,12 @@ class ParamSpec:
     `remainder` modulo `multiple` (sizes: multiples of 16; frames: 4k+1).
     `kind` "float": a finite number >= low (> low when `low_open`), <= high.
     `kind` "choice": one of `choices`.
+    `kind` "int_list": a non-empty, strictly increasing list of integers in
+    low..high, normalised to a tuple; None (not given) when `default` is None.
     """
 
     name: str
-    kind: Literal["int", "float", "choice"]
+    kind: Literal["int", "float", "choice", "int_list"]
     default: Any
     low: float | None = None
     high: float | None = None
@@ -97,8 +101,10 @@ class ParamSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "default", self.check(self.default))
 
-    def check(self, value: Any) -> int | float | str:
+    def check(self, value: Any) -> int | float | str | tuple[int, ...] | None:
         """The normalised value, or ValueError with the reason (without the parameter's name)."""
+        if self.kind == "int_list":
+            return None if value is None else self._int_list(value)
         if self.kind == "choice":
             if not isinstance(value, str) or value not in self.choices:
                 raise ValueError(f"must be one of {', '.join(map(repr, self.choices))}, got {describe(value)}")
@@ -118,6 +124,26 @@ class ParamSpec:
         if self.high is not None and x > self.high:
             raise ValueError(f"must be <= {self.high:g}, got {x!r}")
         return x
+
+    def _int_list(self, value: Any) -> tuple[int, ...]:
+        # A manifest cell arrives as a list; a RenderParams value as a tuple. A string
+        # ("0,250") is not a list: the CLI splits its flag itself.
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be a list of integers, got {describe(value)}")
+        if not value:
+            raise ValueError("must hold at least one integer, got an empty list")
+        items = []
+        for k, item in enumerate(value):
+            try:
+                n = as_integer(item)
+            except ValueError as exc:
+                raise ValueError(f"element {k}: {exc}") from None
+            if not self.low <= n <= self.high:
+                raise ValueError(f"element {k}: must be an integer in {self.low}..{self.high}, got {describe(n)}")
+            if items and n <= items[-1]:
+                raise ValueError(f"must increase strictly, got {items[-1]} then {n} (elements {k - 1}, {k})")
+            items.append(n)
+        return tuple(items)
 
     def _pattern(self) -> str:
         m, r = self.multiple, self.remainder
@@ -154,8 +180,21 @@ def fps_param(default: int) -> ParamSpec:
     return ParamSpec("fps", "int", default, low=1, high=240, help="frames per second of the MP4")
 
 
+# "lcm": the Wan2.1 step-distill step (x0, then fresh noise to the next sigma);
+# engine.sampling.lcm.
+SAMPLERS = ("unipc", "euler", "lcm")
+
+
 def sampler_param(default: str = "unipc") -> ParamSpec:
-    return ParamSpec("sampler", "choice", default, choices=("unipc", "euler"), help="solver")
+    return ParamSpec("sampler", "choice", default, choices=SAMPLERS, help="solver")
+
+
+def step_list_param() -> ParamSpec:
+    # LightX2V's step-distilled Wan models (`denoising_step_list`): indices into the
+    # 1000-entry shifted sigma table; engine.sampling.schedule.distill_schedule.
+    return ParamSpec("step_list", "int_list", None, low=0, high=999,
+                     help="step-distilled sampling: indices 0..999 into the 1000-entry shifted sigma table, "
+                          "strictly increasing; sets steps to its length")
 
 
 class RenderParams(Mapping):

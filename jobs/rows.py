@@ -12,12 +12,12 @@ kept. A null cell, or an empty list, does not give the input.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from jobs.columns import Converter, UnreadableCell
-from jobs.family import FamilySpec
+from jobs.family import FamilySpec, parse_lora_ref
 from jobs.identity import SEED_MAX
 from jobs.params import RenderParams, as_integer, describe
 from jobs.seeds import MAX_SEED_COUNT, check_seed
@@ -97,10 +97,18 @@ class RowParser:
     giving one of them (a non-null cell) is an error, never silently ignored.
     """
 
-    def __init__(self, family: FamilySpec, seeds: Sequence[int] | None, foreign: frozenset[str] = frozenset()):
+    def __init__(self, family: FamilySpec, seeds: Sequence[int] | None, foreign: frozenset[str] = frozenset(),
+                 input_defaults: Mapping[str, Sequence[Any]] | None = None):
         if not isinstance(family, FamilySpec):
             raise TypeError(f"family must be a FamilySpec, got {type(family).__name__}")
         self.family = family
+        # What a list input is when a row's cell is null or the column is absent (`reelray run --lora`):
+        # checked once here; an empty list in a cell still means none.
+        self.input_defaults = {name: family.check_inputs({name: value}).get(name)
+                               for name, value in (input_defaults or {}).items()}
+        for name in self.input_defaults:
+            if not family.input_spec(name).is_list:
+                raise ValueError(f"input {name}: only list inputs take a run-wide default")
         self.defaults = family.defaults()
         if seeds is None:
             self.default_seeds: Sequence[int] = (0,)
@@ -117,12 +125,30 @@ class RowParser:
         # Most manifests use a handful of parameter combinations: build each RenderParams once.
         self._params: dict[tuple, RenderParams] = {(): self.defaults}
 
+    @staticmethod
+    def _loras(row: int, name: str, items: list, resolve, resolved: dict, errors: list) -> list | None:
+        """A "loras" cell's elements as [(resolved path, strength)], or None after appending the row's error."""
+        out = []
+        for k, item in enumerate(items):
+            try:
+                path, strength = parse_lora_ref(item)
+            except ValueError as exc:
+                errors.append(RowError(row, name, f"element {k}: {exc}"))
+                return None
+            found = resolved.get(path)
+            if found is None:
+                found = resolved[path] = resolve(path)
+            out.append((found, strength))
+        return out
+
     def _params_for(self, overrides: tuple[tuple[str, Any], ...]) -> RenderParams:
         params = self._params.get(overrides)
         if params is None:
             if len(self._params) >= 4096:
                 self._params = {(): self.defaults}
-            params = self._params[overrides] = RenderParams({**self.defaults, **dict(overrides)})
+            # Through the family's `params` (the values are checked already): it settles
+            # `steps` from a `step_list`, as for `reelray render`.
+            params = self._params[overrides] = self.family.params(self.defaults, **dict(overrides))
         return params
 
     def parse_batch(
@@ -139,8 +165,8 @@ class RowParser:
         prompts = cols["prompt"]
         negatives = cols.get("negative_prompt")
         param_cols = [(name, cols[name], self._memos[name]) for name in family.param_names if name in cols]
-        input_cols = [(spec, cols.get(spec.name), spec.is_list) for spec in family.inputs
-                      if spec.required or spec.name in cols]
+        input_cols = [(spec, cols.get(spec.name), spec.is_list, spec.kind == "loras", self.input_defaults.get(spec.name))
+                      for spec in family.inputs if spec.required or spec.name in cols or spec.name in self.input_defaults]
         needs = [spec for spec in self._needs if spec.name in cols]
         resolve = file.resolve
         resolved: dict[str, str] = {}  # this batch's input paths, as written -> resolved (rows often repeat one)
@@ -177,9 +203,16 @@ class RowParser:
 
             inputs = {}
             given = set() if needs else None  # names given (well or badly), for the `needs` check
-            for spec, values, is_list in input_cols:
+            for spec, values, is_list, is_lora, default in input_cols:
                 ref = None if values is None else values[j]
-                if ref.__class__ is str:
+                if ref is None and default is not None:
+                    inputs[spec.name] = default
+                    ref = default
+                elif is_lora and ref.__class__ in (str, list) and ref:
+                    loras = self._loras(row, spec.name, [ref] if ref.__class__ is str else ref, resolve, resolved, errors)
+                    if loras is not None:
+                        inputs[spec.name] = loras
+                elif ref.__class__ is str:
                     ref = ref.strip()
                     if not ref:
                         errors.append(RowError(row, spec.name, _file_reason(values[j])))
@@ -235,10 +268,16 @@ class RowParser:
                 else:
                     passthrough[name] = conv(value)
 
+            params = None
+            if not errors:
+                try:
+                    params = self._params_for(tuple(overrides))
+                except ValueError as exc:  # values fine alone that disagree: steps and step_list
+                    errors.append(RowError(row, "step_list", str(exc)))
             if errors:
                 out.append(errors)
             else:
-                out.append(RowSpec(row, prompt, negative, self._params_for(tuple(overrides)), seeds, inputs, passthrough))
+                out.append(RowSpec(row, prompt, negative, params, seeds, inputs, passthrough))
         return out
 
     def _seeds(self, row: int, cells: list[Any], errors: list[RowError]) -> Sequence[int]:

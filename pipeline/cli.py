@@ -5,7 +5,8 @@
     reelray render --model DIR --prompt "..." --seed N [--image first.png] --out x.mp4
     reelray render --model DIR --prompt "..." --control-video depth.mp4 [--mask-video mask.mp4]
                    [--reference-images a.png b.png] [--context-scale 1.0] --out x.mp4
-    reelray run MANIFEST --model DIR --out OUT [--actors N] [--seeds A-B] ...
+    reelray render ... --lora lightx2v_distill.safetensors:1.0 --steps 4 --guidance 1 --sampler lcm
+    reelray run MANIFEST --model DIR --out OUT [--actors N] [--seeds A-B] [--lora PATH[:STRENGTH]] ...
     reelray status OUT [--manifest M]
 
 Errors a user can cause (a bad file, a bad manifest, a missing model) print
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(input_flag(name), dest=name, default=None, help=help,
                        nargs="+" if name == "reference_images" else None, metavar="PATH")
     add_param_args(p)
+    add_lora_args(p, "this video")
     p.add_argument("--out", required=True, help="the MP4 to write")
     p.set_defaults(func=cmd_render)
 
@@ -99,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="extra attempts for a job that fails (default 2)")
     p.add_argument("--job-timeout", type=float, default=None, help="seconds a job may take before it is failed and retried (default: no limit)")
     p.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines when not on a terminal")
+    add_lora_args(p, "the rows whose LoRA column is null (an empty list there means none)")
+    add_param_args(p)  # run-wide defaults: a row's own column wins
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="count done / failed / pending jobs of an output directory")
@@ -106,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", default=None)
     add_model_args(p, required=False)
     p.add_argument("--seeds", default=None)
+    add_lora_args(p, "the rows that give none, as the run was given them")
+    add_param_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     return parser
@@ -133,6 +139,31 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.set_defaults(model_required=required)
 
 
+# LoRA flags: flag -> the LoRA input it fills (`FamilySpec.lora_slots`); repeatable, each PATH[:STRENGTH].
+LORA_FLAGS = {"--lora": "loras", "--lora-high": "loras_high", "--lora-low": "loras_low"}
+
+
+def add_lora_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--lora", dest="loras", action="append", metavar="PATH[:STRENGTH]",
+                   help=f"a LoRA (safetensors, local or URI; strength 1.0 when omitted) for {what}; repeatable, "
+                        "applied in order")
+    p.add_argument("--lora-high", dest="loras_high", action="append", metavar="PATH[:STRENGTH]",
+                   help=f"a LoRA for the high-noise expert (Wan2.2 A14B families) for {what}; repeatable")
+    p.add_argument("--lora-low", dest="loras_low", action="append", metavar="PATH[:STRENGTH]",
+                   help=f"a LoRA for the low-noise expert (Wan2.2 A14B families) for {what}; repeatable")
+
+
+def lora_args(args, spec) -> dict[str, list[str]]:
+    """{LoRA input: ["PATH[:STRENGTH]", ...]} from the LoRA flags, checked against the family's LoRA inputs."""
+    given = {slot: getattr(args, slot) for slot in LORA_FLAGS.values() if getattr(args, slot, None)}
+    slots = [s.name for s in spec.inputs if s.kind == "loras"]
+    for flag, slot in LORA_FLAGS.items():
+        if slot in given and slot not in slots:
+            takes = " and ".join(f for f, s in LORA_FLAGS.items() if s in slots)
+            raise CLIError(f"{flag}: the {spec.title} family takes its LoRAs with {takes}")
+    return given
+
+
 def add_param_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance", type=float, help="guidance (the high-noise expert's in a Wan2.2 A14B family)")
@@ -142,7 +173,11 @@ def add_param_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", help="WxH, e.g. 832x480")
     p.add_argument("--frames", type=int)
     p.add_argument("--fps", type=int)
-    p.add_argument("--sampler", choices=["unipc", "euler"])
+    p.add_argument("--sampler", choices=["unipc", "euler", "lcm"],
+                   help="lcm: the Wan2.1 step-distill step (fresh noise each step); euler with --step-list: Wan2.2's")
+    p.add_argument("--step-list", metavar="I,J,...",
+                   help="step-distilled sampling (LightX2V): indices 0..999 into the 1000-entry shifted sigma table, "
+                        "e.g. 0,250,500,750; sets --steps to its length")
     p.add_argument("--context-scale", type=float, help="how strongly the control video and references steer (VACE families)")
 
 
@@ -174,6 +209,12 @@ def param_overrides(args) -> dict:
         except ValueError:
             raise CLIError(f"--size {args.size}: expected WIDTHxHEIGHT, e.g. 832x480") from None
         overrides.update(width=width, height=height)
+    step_list = getattr(args, "step_list", None)
+    if step_list is not None:
+        try:
+            overrides["step_list"] = [int(v) for v in step_list.split(",")]
+        except ValueError:
+            raise CLIError(f"--step-list {step_list}: expected comma-separated integers, e.g. 0,250,500,750") from None
     return {k: v for k, v in overrides.items() if v is not None}
 
 
@@ -253,6 +294,7 @@ def render_inputs(args, spec) -> dict[str, str | list[str]]:
     one line here, not after a 14B model load.
     """
     given = {name: getattr(args, name) for name in INPUT_FLAGS if getattr(args, name, None) is not None}
+    given |= lora_args(args, spec)
     for name in given:
         if spec.input_spec(name) is None:
             raise CLIError(f"{input_flag(name)}: the {spec.title} family takes no {name} (its inputs: "
@@ -270,7 +312,12 @@ def render_inputs(args, spec) -> dict[str, str | list[str]]:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     for name, value in inputs.items():
-        if spec.input_spec(name).file_kind == "video":
+        if spec.input_spec(name).file_kind == "lora":
+            from pipeline.driver import probe_lora
+
+            for path, _ in value:
+                probe_lora(path)
+        elif spec.input_spec(name).file_kind == "video":
             from engine.video_input import probe_video
 
             probe_video(value)
@@ -304,6 +351,8 @@ def cmd_run(args) -> int:
         device=args.device,
         dtype=args.dtype,
         policy=args.policy,
+        loras=lora_args(args, models.spec),
+        params=param_overrides(args),
     )
     report = run(config)
     return 0 if report["counts"]["failed"] == 0 else 1
@@ -313,13 +362,15 @@ def cmd_status(args) -> int:
     from jobs.seeds import parse_seed_range
     from pipeline.driver import status
 
+    loras = None
     if args.manifest:
         models = model_set(args)
         files, family = models.paths(), models.family
+        loras = lora_args(args, models.spec)
     else:
         files, family = None, None
     seeds = parse_seed_range(args.seeds) if args.seeds else None
-    counts = status(args.out, args.manifest, files, family, seeds)
+    counts = status(args.out, args.manifest, files, family, seeds, loras, param_overrides(args))
     if args.json:
         print(json.dumps(counts, indent=2))
     else:

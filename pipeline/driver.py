@@ -11,6 +11,7 @@ loses nothing that was committed, and the same command resumes.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import OrderedDict, deque
@@ -21,6 +22,7 @@ from typing import Any
 
 from jobs.dataset import make_row, with_added_columns
 from jobs.inputs import FileKind, InputError
+from jobs.sources import first_line
 from jobs.job import RenderJob
 from jobs.manifest import ManifestError, load_jobs
 from pipeline.actor import CONCURRENCY, RenderActor, software_versions
@@ -50,6 +52,10 @@ class RunConfig:
     device: str | None = None
     dtype: str | None = None
     policy: str = "dequantize_once"
+    # LoRAs ("PATH[:STRENGTH]") for the rows that give none, per LoRA input ("loras", "loras_high", "loras_low")
+    loras: dict[str, list[str]] = field(default_factory=dict)
+    # Render parameters for the rows that do not give them (`reelray run --steps 4 --step-list ...`)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
@@ -66,48 +72,60 @@ class RunStopped(OutputError):
 
 
 class PromptQueue:
-    """Pending jobs grouped by prompt; an actor keeps taking its prompt's seeds.
+    """Pending jobs grouped by LoRA set and prompt; an actor keeps taking its group's seeds.
 
-    An idle actor continues its current prompt if it has jobs left, else
-    claims the next unclaimed prompt, else takes half of the largest group
-    claimed by another actor (so the tail of a run keeps every actor busy).
+    An idle actor continues its current group if it has jobs left, else claims
+    the next unclaimed group with its current LoRA set (so the LoRAs it has
+    loaded stay in use), else the next unclaimed group, else takes half of the
+    largest group claimed by another actor (so the tail of a run keeps every
+    actor busy).
     """
 
     def __init__(self, jobs: list[RenderJob]):
-        self.groups: OrderedDict[str, deque[RenderJob]] = OrderedDict()
+        self.groups: OrderedDict[tuple, deque[RenderJob]] = OrderedDict()
         for job in jobs:
-            self.groups.setdefault(job.prompt, deque()).append(job)
-        self.unclaimed: deque[str] = deque(self.groups)
-        self.owner: dict[str, int] = {}
+            self.groups.setdefault(group_key(job), deque()).append(job)
+        self.unclaimed: deque[tuple] = deque(self.groups)
+        self.owner: dict[tuple, int] = {}
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
 
     def push_front(self, job: RenderJob) -> None:
-        self.groups.setdefault(job.prompt, deque()).appendleft(job)
-        if job.prompt not in self.owner and job.prompt not in self.unclaimed:
-            self.unclaimed.appendleft(job.prompt)
+        key = group_key(job)
+        self.groups.setdefault(key, deque()).appendleft(job)
+        if key not in self.owner and key not in self.unclaimed:
+            self.unclaimed.appendleft(key)
 
-    def next_for(self, actor: int, prompt: str | None) -> RenderJob | None:
-        if prompt is not None and self.groups.get(prompt):
-            return self._pop(prompt)
-        while self.unclaimed:
-            candidate = self.unclaimed.popleft()
-            if self.groups.get(candidate):
-                self.owner[candidate] = actor
-                return self._pop(candidate)
-        largest = max((p for p in self.groups if self.groups[p]), key=lambda p: len(self.groups[p]), default=None)
+    def next_for(self, actor: int, group: tuple | None) -> RenderJob | None:
+        """The next job for `actor`, whose last job was of `group` (None for a fresh actor)."""
+        if group is not None and self.groups.get(group):
+            return self._pop(group)
+        self.unclaimed = deque(k for k in self.unclaimed if self.groups.get(k))
+        if self.unclaimed:
+            candidate = self.unclaimed[0]
+            if group is not None:  # the same LoRA set first
+                candidate = next((k for k in self.unclaimed if k[0] == group[0]), candidate)
+            self.unclaimed.remove(candidate)
+            self.owner[candidate] = actor
+            return self._pop(candidate)
+        largest = max((k for k in self.groups if self.groups[k]), key=lambda k: len(self.groups[k]), default=None)
         if largest is None:
             return None
         self.owner[largest] = actor
         return self._pop(largest)
 
-    def _pop(self, prompt: str) -> RenderJob:
-        group = self.groups[prompt]
+    def _pop(self, key: tuple) -> RenderJob:
+        group = self.groups[key]
         job = group.popleft()
         if not group:
-            del self.groups[prompt]
+            del self.groups[key]
         return job
+
+
+def group_key(job: RenderJob) -> tuple:
+    """(the job's LoRA set, its prompt): jobs an actor renders best one after another."""
+    return job.lora_key(), job.prompt
 
 
 @dataclass
@@ -124,7 +142,7 @@ class Slot:
     inflight: deque = field(default_factory=deque)  # (ref, job, attempt)
     head_started: float = 0.0
     submitted: int = 0  # calls made to this actor: the next call's seq
-    prompt: str | None = None
+    group: tuple | None = None  # (LoRA set, prompt) of its last job
     ready_ref: Any = None  # set until the actor has loaded its model: no job timeout runs before that
 
     def timed_out(self, timeout: float, now: float) -> bool:
@@ -146,7 +164,8 @@ def run(config: RunConfig, stream=None) -> dict:
     stream = stream or sys.stderr
     started_at = datetime.now(timezone.utc)
     t_start = time.monotonic()
-    jobs, errors, n_rows, models, digest = read_jobs(config.manifest, config.model_files, config.family, config.seeds)
+    jobs, errors, n_rows, models, digest = read_jobs(config.manifest, config.model_files, config.family, config.seeds, config.loras,
+                                                       config.params)
     if errors and not config.skip_invalid:
         shown = "\n".join(f"  {e}" for e in errors[:MAX_ERRORS_SHOWN])
         more = f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more" if len(errors) > MAX_ERRORS_SHOWN else ""
@@ -229,7 +248,8 @@ def run(config: RunConfig, stream=None) -> dict:
         return report
 
 
-def read_jobs(manifest: str, model_files: dict[str, str], family: str | None, seeds: list[int] | None):
+def read_jobs(manifest: str, model_files: dict[str, str], family: str | None, seeds: list[int] | None,
+              loras: dict[str, list[str]] | None = None, params: dict[str, Any] | None = None):
     """(jobs, row errors, rows read, model set, model digest): the model set is checked from its
     file headers first, so a mismatched set fails in a second, before Ray starts."""
     from engine.families import foreign_names, get_family
@@ -239,9 +259,58 @@ def read_jobs(manifest: str, model_files: dict[str, str], family: str | None, se
     models.check_fit()
     digest = models.digest()
     foreign = foreign_names(get_family(models.family))
-    jobs, errors, n_rows = load_jobs(manifest, model_digest=digest, family=models.spec, seeds=seeds, foreign=foreign,
-                                     digest=digest_and_probe)
+    defaults = {}
+    for name, refs in (loras or {}).items():
+        spec = models.spec.input_spec(name)
+        if spec is None or spec.kind != "loras":
+            slots = [s.name for s in models.spec.inputs if s.kind == "loras"]
+            raise ValueError(f"{name}: the {models.spec.title} family takes LoRAs as {' and '.join(slots)}")
+        defaults[name] = [lora_ref_absolute(ref) for ref in refs]
+    spec = models.spec
+    if params:
+        try:
+            spec = spec.with_defaults(spec.params(**params))
+        except ValueError as exc:
+            raise ValueError(f"run parameters: {exc}") from None
+    jobs, errors, n_rows = load_jobs(manifest, model_digest=digest, family=spec, seeds=seeds, foreign=foreign,
+                                     digest=digest_and_probe, input_defaults=defaults)
     return jobs, errors, n_rows, models, digest
+
+
+def lora_ref_absolute(ref: str) -> tuple[str, float]:
+    """A run-wide "PATH[:STRENGTH]" as (absolute path or URI, strength): relative to the working directory."""
+    from jobs.family import parse_lora_ref
+
+    path, strength = parse_lora_ref(ref)
+    return (path if "://" in path else os.path.abspath(os.path.expanduser(path))), strength
+
+
+def probe_lora(uri: str) -> None:
+    """A LoRA file's safetensors header, read without its tensors: InputError naming the file unless it
+    is a safetensors file with LoRA keys (lora_down / lora_up, lora_A / lora_B, or full deltas)."""
+    import json
+    import struct
+
+    from jobs.inputs import find_input
+
+    file = find_input(uri)
+    try:
+        with file.fs.open_input_file(file.path) as stream:
+            head = stream.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= size <= min(file.size - 8, 256 << 20):
+                raise InputError(f"{uri}: not a safetensors file (no valid header)")
+            header = json.loads(stream.read(size))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{uri}: not a safetensors file ({first_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{uri}: not a safetensors file (its header is not a JSON object)")
+    markers = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".diff", "diff_m")
+    if not any(marker in name for name in header for marker in markers):
+        raise InputError(f"{uri}: a safetensors file without LoRA weights (no lora_down/lora_up, lora_A/lora_B "
+                         f"or .diff keys among its {len(header) - ('__metadata__' in header)} tensors)")
 
 
 def digest_and_probe(files: Mapping[str, FileKind]) -> dict[str, str | InputError]:
@@ -258,6 +327,8 @@ def digest_and_probe(files: Mapping[str, FileKind]) -> dict[str, str | InputErro
     def probe(uri: str, kind: FileKind) -> None:
         if kind == "image":
             probe_image(uri)
+        elif kind == "lora":
+            probe_lora(uri)
         else:
             probe_video(uri)
 
@@ -352,12 +423,12 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
 
     def submit(slot: Slot) -> None:
         while len(slot.inflight) < QUEUE_DEPTH and stop_reason is None:
-            job = queue.next_for(slot.index, slot.prompt)
+            job = queue.next_for(slot.index, slot.group)
             if job is None:
                 return
             attempt = attempts.get(job.job_id, 0) + 1
             attempts[job.job_id] = attempt
-            slot.prompt = job.prompt
+            slot.group = group_key(job)
             if not slot.inflight:
                 slot.head_started = time.monotonic()
             slot.inflight.append((slot.handle.render.remote(job, attempt, slot.submitted), job, attempt))
@@ -392,7 +463,7 @@ def render_all(config, out, models, digest, pending, done_rows, failed_rows, act
                 attempts[job.job_id] = attempt - 1
                 queue.push_front(job)
         fresh = start_actor(slot.index)
-        slot.handle, slot.inflight, slot.prompt, slot.ready_ref, slot.submitted = fresh.handle, deque(), None, fresh.ready_ref, 0
+        slot.handle, slot.inflight, slot.group, slot.ready_ref, slot.submitted = fresh.handle, deque(), None, fresh.ready_ref, 0
 
     for slot in slots:
         submit(slot)
@@ -453,14 +524,15 @@ def one_line_cause(exc: BaseException) -> str:
 
 
 def status(out_uri: str, manifest: str | None = None, model_files: dict[str, str] | None = None,
-           family: str | None = None, seeds: list[int] | None = None) -> dict:
+           family: str | None = None, seeds: list[int] | None = None, loras: dict[str, list[str]] | None = None,
+           params: dict[str, Any] | None = None) -> dict:
     """Done / failed / pending counts of an output directory (of a manifest's jobs, when given)."""
     out = OutputDir(out_uri)
     scan = out.scan()
     failed = previous_failures(out, scan.done)
     counts: dict[str, Any] = {"done": len(scan.done), "failed": len(failed)}
     if manifest:
-        jobs, errors, _, _, _ = read_jobs(manifest, model_files or {}, family, seeds)
+        jobs, errors, _, _, _ = read_jobs(manifest, model_files or {}, family, seeds, loras, params)
         ids = {j.job_id for j in jobs}
         counts = {
             "done": len(ids & scan.done.keys()),

@@ -422,8 +422,8 @@ def test_render_a_wan22_family_through_the_cli(family_models, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("family, image, reason", [
-    ("wan2.2-t2v-a14b", "png", "--image: the Wan2.2 T2V-A14B family takes no image (its inputs: none)"),
-    ("wan2.1-t2v", "png", "--image: the Wan2.1 T2V family takes no image (its inputs: none)"),
+    ("wan2.2-t2v-a14b", "png", "--image: the Wan2.2 T2V-A14B family takes no image (its inputs: loras_high, loras_low)"),
+    ("wan2.1-t2v", "png", "--image: the Wan2.1 T2V family takes no image (its inputs: loras)"),
     ("wan2.2-i2v-a14b", None, "the Wan2.2 I2V-A14B family needs --image"),
     ("wan2.2-i2v-a14b", "text", "not a PNG, JPEG or WebP image"),
     ("wan2.2-i2v-a14b", "missing", "nowhere.png"),
@@ -569,9 +569,9 @@ def test_render_input_flags_reach_the_family_as_its_inputs(tmp_path, fake_probe_
 
 @pytest.mark.parametrize("argv, required, reason", [
     (["--control-video", "c.mp4"], None,
-     "--control-video: the Wan2.1 T2V family takes no control_video (its inputs: none)"),
+     "--control-video: the Wan2.1 T2V family takes no control_video (its inputs: loras)"),
     (["--reference-images", "{a}"], None,
-     "--reference-images: the Wan2.1 T2V family takes no reference_images (its inputs: none)"),
+     "--reference-images: the Wan2.1 T2V family takes no reference_images (its inputs: loras)"),
     (["--mask-video", "m.mp4"], (), "--mask-video needs --control-video"),
     ([], ("control_video",), "the Test Mixed family needs --control-video (a control video)"),
     (["--control-video", "c.mp4"], ("reference_images",), "the Test Mixed family needs --reference-images (references)"),

@@ -102,7 +102,9 @@ def test_rows_to_table_appends_passthrough_columns_with_inferred_types(tmp_path)
     ]
     table = rows_to_table(rows)
     assert table.schema.names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
-    assert table.schema.names[len(OUTPUT_SCHEMA):] == ["score", "n", "tags", "meta", "when"]
+    # the family's other parameter (step_list, not given: null) and the passthrough, by name: the
+    # order sidecars (canonical JSON) give back, so a resumed run writes the same columns
+    assert table.schema.names[len(OUTPUT_SCHEMA):] == ["meta", "n", "score", "step_list", "tags", "when"]
     assert table.schema.field("score").type == pa.float64()
     assert table.schema.field("n").type == pa.int64()
     assert table.schema.field("tags").type == pa.list_(pa.string())
@@ -194,7 +196,7 @@ def test_family_parameters_and_inputs_are_columns_after_the_fixed_ones():
     table = rows_to_table([row])
     names = table.column_names
     assert names[: len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
-    assert names[len(OUTPUT_SCHEMA):] == ["guidance_2", "boundary", "image", "image_sha256", "tag"]
+    assert names[len(OUTPUT_SCHEMA):] == ["boundary", "guidance_2", "image", "image_sha256", "step_list", "tag"]  # by name
     assert table.schema.field("boundary").type == pa.float64()
     assert parse_sidecar(sidecar_bytes(row), sidecar_relpath(j.job_id))["image_sha256"] == "ab" * 32
     with pytest.raises(ValueError, match="clash"):
@@ -250,3 +252,44 @@ def test_list_inputs_are_list_columns_that_round_trip_through_sidecars_and_compa
     index = pq.read_table(str(tmp_path / "out" / VIDEOFOLDER_FILE))
     assert index.column("reference_images").to_pylist() == [["/data/r2.png", "/data/r1.png"], None, None]
     assert pq.read_table(str(tmp_path / "out" / METADATA_FILE)).num_rows == 4
+
+
+def test_a_step_list_is_a_list_int_column_only_where_given_and_round_trips(tmp_path):
+    from jobs.dataset import with_added_columns
+    from pipeline.output import OutputDir
+
+    def make(prompt, params):
+        return RenderJob.create(family="wan2.1-t2v", model_digest=MODEL, prompt=prompt, seed=0, params=params,
+                                negative_prompt="n")
+
+    distilled = failed_row(make("a", WAN21.params(PARAMS, step_list=[0, 250, 500, 750], sampler="lcm")))
+    assert distilled["step_list"] == [0, 250, 500, 750] and distilled["steps"] == 4 and distilled["sampler"] == "lcm"
+    assert b'"step_list":[0,250,500,750]' in sidecar_bytes(distilled)
+    # not given: a null cell, so that a row always holds every parameter of its family
+    plain = done_row(make("b", PARAMS))
+    assert plain["step_list"] is None and b'"step_list":null' in sidecar_bytes(plain)
+    # a sidecar written before the parameter existed reads, and compacts beside the others
+    old = {k: v for k, v in json.loads(sidecar_bytes(done_row(make("c", PARAMS)))).items() if k != "step_list"}
+
+    rows = []
+    for row in (distilled, plain):
+        back = parse_sidecar(sidecar_bytes(row), sidecar_relpath(row["job_id"]))
+        assert back == row  # a list of ints comes back as one
+        rows.append(back)
+    rows.append(parse_sidecar(json.dumps(old).encode(), sidecar_relpath(old["job_id"])))
+    assert "step_list" not in rows[2]
+    out = OutputDir(str(tmp_path / "out"))
+    out.compact(rows)
+    table = out.read_metadata()
+    assert table.schema.field("step_list").type == pa.list_(pa.int64())
+    assert table.column("step_list").to_pylist() == [[0, 250, 500, 750], None, None]
+    # the failed row read back from the metadata (the driver's previous_failures) compacts to the same table
+    failed = [with_added_columns(r) for r in table.to_pylist() if r["status"] == "failed"]
+    assert failed[0]["step_list"] == [0, 250, 500, 750]
+    out.compact([failed[0], rows[1], rows[2]])
+    assert out.read_metadata().to_pylist() == table.to_pylist()
+    # every row of a family's dataset gives back its parameters (steps from the list included)
+    for row in table.to_pylist():
+        params = WAN21.params(**{name: row[name] for name in WAN21.param_names})
+        assert params == (WAN21.params(PARAMS, step_list=[0, 250, 500, 750], sampler="lcm")
+                          if row["prompt"] == "a" else PARAMS)

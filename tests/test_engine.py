@@ -129,11 +129,15 @@ def test_initial_noise_is_drawn_by_a_cpu_generator_seeded_with_the_job_seed(engi
     # size (16 channels, VAE stride 4x8x8); stopped there, so the 832x480x81 case costs no denoising.
     drawn = []
 
-    def record(seed, latent_shape, device):
-        drawn.append((seed, tuple(latent_shape), torch.device(device).type))
-        raise NoiseDrawn
+    class Record:  # the pipeline's JobNoise: its first draw is the initial noise
+        def __init__(self, seed):
+            self.seed = seed
 
-    monkeypatch.setattr(wan21, "initial_noise", record)
+        def draw(self, latent_shape, device):
+            drawn.append((self.seed, tuple(latent_shape), torch.device(device).type))
+            raise NoiseDrawn
+
+    monkeypatch.setattr(wan21, "JobNoise", Record)
     with pytest.raises(NoiseDrawn):
         engine.render("a lighthouse at dusk", seed=1234, params=params)
     assert drawn == [(1234, shape, "cpu")]
@@ -288,7 +292,7 @@ def test_euler_renders_and_differs_from_unipc(engine):
 def test_steps_size_and_frames_shape_the_output(engine):
     result = engine.render("a kite", seed=9, params=engine.spec.params(width=96, height=32, frames=5, steps=2))
     assert result.frames.shape == (5, 32, 96, 3)
-    assert set(result.timings) == {"text_s", "denoise_s", "decode_s"}
+    assert set(result.timings) == {"text_s", "lora_s", "denoise_s", "decode_s"}
     assert all(v >= 0 for v in result.timings.values())
 
 

@@ -113,13 +113,14 @@ def test_family_restricts_recognition(sets):
 
 def test_foreign_names_are_the_other_families_parameters_and_inputs():
     vace = {"context_scale", "control_video", "mask_video", "reference_images"}
-    assert foreign_names(get_family("wan2.1-t2v")) == {"guidance_2", "boundary", "image", "area"} | vace
-    assert foreign_names(get_family("wan2.1-i2v")) == {"guidance_2", "boundary"} | vace
-    assert foreign_names(get_family("wan2.2-t2v-a14b")) == {"image", "area"} | vace
-    assert foreign_names(get_family("wan2.2-ti2v-5b")) == {"guidance_2", "boundary", "area"} | vace
-    assert foreign_names(get_family("wan2.2-i2v-a14b")) == {"area"} | vace
-    assert foreign_names(get_family("wan2.1-vace")) == {"guidance_2", "boundary", "image", "area"}
-    assert foreign_names(get_family("wan2.2-vace-fun-a14b")) == {"image", "area"}
+    experts = {"loras_high", "loras_low"}  # a LoRA set per expert; one DiT: "loras"
+    assert foreign_names(get_family("wan2.1-t2v")) == {"guidance_2", "boundary", "image", "area"} | vace | experts
+    assert foreign_names(get_family("wan2.1-i2v")) == {"guidance_2", "boundary"} | vace | experts
+    assert foreign_names(get_family("wan2.2-t2v-a14b")) == {"image", "area", "loras"} | vace
+    assert foreign_names(get_family("wan2.2-ti2v-5b")) == {"guidance_2", "boundary", "area"} | vace | experts
+    assert foreign_names(get_family("wan2.2-i2v-a14b")) == {"area", "loras"} | vace
+    assert foreign_names(get_family("wan2.1-vace")) == {"guidance_2", "boundary", "image", "area"} | experts
+    assert foreign_names(get_family("wan2.2-vace-fun-a14b")) == {"image", "area", "loras"}
 
 
 def test_vace_files_are_not_taken_for_their_t2v_shapes(sets, tmp_path):

@@ -38,8 +38,11 @@ params = st.builds(
     guidance=st.floats(0, 1e6, allow_nan=False, allow_infinity=False),
     shift=st.floats(1e-6, 1e6, allow_nan=False, allow_infinity=False),
     fps=st.integers(1, 240),
-    sampler=st.sampled_from(["unipc", "euler"]),
+    sampler=st.sampled_from(["unipc", "euler", "lcm"]),
 )
+step_lists = st.lists(st.integers(0, 999), min_size=1, max_size=8, unique=True).map(sorted)
+# jobs with a step_list too (its length sets steps)
+any_params = st.one_of(params, st.builds(lambda p, step_list: WAN21.params(p, step_list=step_list), params, step_lists))
 
 
 def job_id(model_digest, prompt, negative_prompt, seed, params, family="wan2.1-t2v", inputs=None):
@@ -48,8 +51,9 @@ def job_id(model_digest, prompt, negative_prompt, seed, params, family="wan2.1-t
 
 def payload(model, prompt, negative, seed, p, family, inputs):
     """The canonical job as the module docstring of jobs/identity.py defines it."""
+    given = {name: value for name, value in p.model_dump().items() if value is not None}
     obj = {"schema": JOB_SCHEMA, "model_digest": model, "prompt": prompt, "negative_prompt": negative,
-           "seed": seed, "params": p.model_dump()}
+           "seed": seed, "params": given}
     if family != "wan2.1-t2v":
         obj["family"] = family
     if inputs:
@@ -61,11 +65,13 @@ def test_job_id_is_64_hex_and_stable():
     a = job_id(MODEL, "a cat", "blurry", 7, PARAMS)
     assert re.fullmatch(r"[0-9a-f]{64}", a)
     assert a == job_id(MODEL, "a cat", "blurry", 7, WAN21.params(PARAMS))
-    # the recipe, spelled out: sha256 of canonical JSON with the schema tag
+    # the recipe, spelled out: sha256 of canonical JSON with the schema tag (step_list, not given, is not in it)
+    assert PARAMS.step_list is None
     expected = hashlib.sha256(
         json.dumps(
             {"schema": JOB_SCHEMA, "model_digest": MODEL, "prompt": "a cat", "negative_prompt": "blurry",
-             "seed": 7, "params": PARAMS.model_dump()},
+             "seed": 7, "params": {"width": 64, "height": 64, "frames": 9, "steps": 4, "guidance": 5.0,
+                                   "shift": 3.0, "fps": 16, "sampler": "unipc"}},
             sort_keys=True, separators=(",", ":"), ensure_ascii=False,
         ).encode("utf-8")
     ).hexdigest()
@@ -143,7 +149,7 @@ def test_equal_numbers_are_one_job():
 
 
 @settings(max_examples=80)
-@given(model=st.text(min_size=1, max_size=70), prompt=texts, negative=texts, seed=seeds, p=params,
+@given(model=st.text(min_size=1, max_size=70), prompt=texts, negative=texts, seed=seeds, p=any_params,
        family=st.sampled_from(list(FAMILIES)),
        inputs=st.one_of(st.none(), st.dictionaries(
            st.sampled_from(["image", "video", "reference_images"]),
@@ -175,6 +181,8 @@ def test_changing_any_field_changes_the_id(prompt, negative, seed, p, field, dat
         value = getattr(p, field)
         if field == "sampler":
             new = "euler" if value == "unipc" else "unipc"
+        elif field == "step_list":  # p has none: giving one (of any length) is another job
+            new = data.draw(step_lists)
         elif field in ("guidance", "shift"):
             new = value + 0.5  # values stay below 1e6, where +0.5 is exact enough to differ
         elif field == "width" or field == "height":
@@ -321,3 +329,27 @@ def test_render_job_with_list_inputs_checks_its_id_and_round_trips():
     with pytest.raises(ValueError, match="input reference_images: an empty list"):
         RenderJob.create(family="test-mixed", model_digest=MODEL, prompt="p", seed=1, params=PARAMS,
                          negative_prompt="n", inputs={"reference_images": []})
+
+
+def test_a_step_list_enters_the_id_and_a_missing_one_leaves_it_as_before():
+    distilled = WAN21.params(PARAMS, step_list=[0, 250, 500, 750], sampler="euler")
+    plain = WAN21.params(PARAMS, sampler="euler")
+    assert distilled.steps == plain.steps == 4
+    assert job_id(MODEL, "p", "n", 0, distilled) != job_id(MODEL, "p", "n", 0, plain)
+    other_list = WAN21.params(distilled, step_list=[0, 250, 500, 751])
+    same_list = WAN21.params(distilled, step_list=(0, 250, 500, 750.0))
+    assert job_id(MODEL, "p", "n", 0, distilled) != job_id(MODEL, "p", "n", 0, other_list)
+    assert job_id(MODEL, "p", "n", 0, distilled) == job_id(MODEL, "p", "n", 0, same_list)
+    text = canonical_json(payload(MODEL, "p", "n", 0, distilled, "wan2.1-t2v", None))
+    assert b'"step_list":[0,250,500,750]' in text
+    assert b"step_list" not in canonical_json(payload(MODEL, "p", "n", 0, plain, "wan2.1-t2v", None))
+    assert job_digest(MODEL, "p", "n", 0, distilled, "wan2.1-t2v") == hashlib.sha256(text).digest()
+    # every family: a job without a step_list has the id it had before the parameter existed
+    from jobs.params import RenderParams
+
+    for family in FAMILIES.values():
+        now = family.spec.defaults()
+        before = RenderParams({name: value for name, value in now.items() if name != "step_list"})
+        assert "step_list" in now and "step_list" not in before
+        name = family.spec.name
+        assert job_digest(MODEL, "p", "n", 0, now, name) == job_digest(MODEL, "p", "n", 0, before, name)

@@ -197,7 +197,7 @@ def test_digest_inputs_bad_values_and_arguments(tmp_path):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_workers"):
             digest_inputs({str(tmp_path): "image"}, max_workers=bad)
-    with pytest.raises(ValueError, match="unknown input file kinds 'images' \\(known: image, video\\)"):
+    with pytest.raises(ValueError, match="unknown input file kinds 'images' \\(known: image, video, lora\\)"):
         digest_inputs({str(tmp_path): "images"})
     with pytest.raises(TypeError, match="files must map each uri to its kind"):
         digest_inputs([str(tmp_path)])

@@ -165,7 +165,18 @@ BAD_ROWS = [
     ({"height": pa.array([64, 8192])}, ["row 1: height: must be a multiple of 16 in 16..4096, got 8192"]),
     ({"frames": pa.array([9, 80])}, ["row 1: frames: must be 4k+1 (1, 5, 9, ...) in 1..1001, got 80"]),
     ({"fps": pa.array([16, 0])}, ["row 1: fps: must be an integer in 1..240, got 0"]),
-    ({"sampler": pa.array(["euler", "ddim"])}, ["row 1: sampler: must be one of 'unipc', 'euler', got str 'ddim'"]),
+    ({"sampler": pa.array(["euler", "ddim"])}, ["row 1: sampler: must be one of 'unipc', 'euler', 'lcm', got str 'ddim'"]),
+    ({"step_list": pa.array([[0, 250], [500, 250]])}, ["row 1: step_list: must increase strictly, got 500 then 250 (elements 0, 1)"]),
+    ({"step_list": pa.array([[0], [0, 1000]])}, ["row 1: step_list: element 1: must be an integer in 0..999, got 1000"]),
+    ({"step_list": pa.array([[-1, 5], None])}, ["row 0: step_list: element 0: must be an integer in 0..999, got -1"]),
+    ({"step_list": pa.array([[0.0, 250.0], [0.0, 2.5]])}, ["row 1: step_list: element 1: must be an integer, got 2.5"]),
+    ({"step_list": pa.array([["0"], ["250"]])}, ["row 0: step_list: element 0: must be an integer, got str '0'",
+                                               "row 1: step_list: element 0: must be an integer, got str '250'"]),
+    ({"step_list": pa.array([[0, None], [0]])}, ["row 0: step_list: element 1: must be an integer, got None"]),
+    ({"step_list": pa.array([[0], []], pa.list_(pa.int64()))}, ["row 1: step_list: must hold at least one integer, got an empty list"]),
+    ({"step_list": pa.array(["0,250", None])}, ["row 0: step_list: must be a list of integers, got str '0,250'"]),
+    ({"step_list": pa.array([[0, 250, 500, 750]] * 2), "steps": pa.array([4, 8])},
+     ["row 1: step_list: steps 8 disagrees with step_list of 4 entries"]),
     ({"seed": pa.array([1, -1])}, ["row 1: seed: must be an integer in 0..2**63-1, got -1"]),
     ({"seed": pa.array([1, 2**64 - 1], pa.uint64())}, ["row 1: seed: must be an integer in 0..2**63-1, got 18446744073709551615"]),
     ({"seed": pa.array([1.0, 1.5])}, ["row 1: seed: must be an integer, got 1.5"]),
@@ -508,7 +519,7 @@ def test_another_familys_parameter_or_input_is_a_row_error_not_passthrough(tmp_p
     assert [j.row for j in jobs] == [0] and jobs[0].passthrough == {}
     assert [(e.row, e.field) for e in errors] == [(1, "boundary"), (2, "image")]
     assert "the Wan2.1 T2V family has no 'image' (its parameters: width, height" in str(errors[1])
-    assert "its inputs: none" in str(errors[1])
+    assert "its inputs: loras)" in str(errors[1])
 
 
 def test_image_inputs_are_resolved_hashed_once_and_identified_by_content(tmp_path):
@@ -566,7 +577,7 @@ MIXED = FamilySpec("test-mixed", "Test Mixed", TINY.param_specs, inputs=(
     InputSpec("control_video", "video", required=False),
     InputSpec("mask_video", "video", required=False, needs="control_video"),
     InputSpec("reference_images", "images", required=False),
-))
+), lora_slots=())  # no LoRA input: the messages below list exactly these four
 REFS_REQUIRED = FamilySpec("test-refs", "Test Refs", TINY.param_specs,
                            inputs=(InputSpec("reference_images", "images", required=True),))
 
@@ -803,3 +814,34 @@ def test_family_check_inputs_normalises_lists_and_checks_needs():
         assert message in str(exc.value), inputs
     with pytest.raises(ValueError, match=r"the Test Refs family needs inputs \['reference_images'\]"):
         REFS_REQUIRED.check_inputs({"reference_images": []})
+
+
+def test_a_step_list_column_sets_steps_and_enters_the_id_only_where_given(tmp_path):
+    src = write(tmp_path / "m.parquet", {
+        "prompt": ["a", "a", "a", "a", "a"],
+        "step_list": pa.array([None, [0, 250, 500, 750], [0, 250, 500, 750], [0, 500], [0, 250, 500, 750]],
+                              pa.list_(pa.int32())),
+        "steps": pa.array([None, None, 4, None, None]),
+        "sampler": pa.array([None, "lcm", "lcm", "euler", "euler"]),
+    })
+    jobs, errors, n_rows = load_jobs(src, model_digest=MODEL, family=TINY)
+    assert errors == [] and n_rows == 5
+    # row 2 (steps 4, agreeing) is row 1's job again: a duplicate
+    assert [j.row for j in jobs] == [0, 1, 3, 4]
+    assert [(j.params.step_list, j.params.steps) for j in jobs] == [
+        (None, 4), ((0, 250, 500, 750), 4), ((0, 500), 2), ((0, 250, 500, 750), 4)]
+    assert all(type(i) is int for i in jobs[1].params.step_list)
+    # without a step_list the job is the job of before: no step_list key in its canonical JSON ...
+    import hashlib
+
+    from jobs.identity import JOB_SCHEMA, canonical_json
+
+    assert jobs[0].params == TINY.defaults()
+    before = {name: value for name, value in TINY.defaults().items() if name != "step_list"}
+    canonical = {"model_digest": MODEL, "negative_prompt": DEFAULT_NEGATIVE_PROMPT, "params": before,
+                 "prompt": "a", "schema": JOB_SCHEMA, "seed": 0}
+    assert jobs[0].job_id == hashlib.sha256(canonical_json(canonical)).hexdigest()
+    # ... with one, the list is part of the id (same steps, other job)
+    assert len({j.job_id for j in jobs}) == 4
+    for j in jobs:
+        assert j.job_id == job_id(MODEL, j.prompt, j.negative_prompt, j.seed, j.params)

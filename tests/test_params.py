@@ -62,8 +62,9 @@ def test_each_family_declares_its_own_bounds():
 
 
 def test_param_names_are_declared_in_order():
-    assert WAN21.param_names == ("width", "height", "frames", "steps", "guidance", "shift", "fps", "sampler")
-    assert FAMILIES["wan2.2-t2v-a14b"].spec.param_names[-2:] == ("guidance_2", "boundary")
+    assert WAN21.param_names == ("width", "height", "frames", "steps", "guidance", "shift", "fps", "sampler",
+                                 "step_list")
+    assert FAMILIES["wan2.2-t2v-a14b"].spec.param_names[-3:] == ("guidance_2", "boundary", "step_list")
 
 
 def test_numbers_are_normalised_so_equal_values_are_equal_params():
@@ -71,7 +72,7 @@ def test_numbers_are_normalised_so_equal_values_are_equal_params():
     b = WAN21.params(**GOOD)
     assert a == b and hash(a) == hash(b)
     assert type(a.guidance) is float and type(a.steps) is int
-    assert a.model_dump() == GOOD
+    assert a.model_dump() == GOOD | {"step_list": None}  # not given
 
 
 @pytest.mark.parametrize(
@@ -97,8 +98,18 @@ def test_numbers_are_normalised_so_equal_values_are_equal_params():
         ("shift", 0.0, "must be > 0, got 0.0"),
         ("shift", 10**400, "must be a finite number, got 1000000000000000000000000000000000000..."),
         ("fps", 241, "must be an integer in 1..240, got 241"),
-        ("sampler", "UniPC", "must be one of 'unipc', 'euler', got str 'UniPC'"),
-        ("sampler", 1, "must be one of 'unipc', 'euler', got 1"),
+        ("sampler", "UniPC", "must be one of 'unipc', 'euler', 'lcm', got str 'UniPC'"),
+        ("sampler", 1, "must be one of 'unipc', 'euler', 'lcm', got 1"),
+        ("step_list", [250, 0], "must increase strictly, got 250 then 0 (elements 0, 1)"),
+        ("step_list", [0, 250, 250], "must increase strictly, got 250 then 250 (elements 1, 2)"),
+        ("step_list", [0, 1000], "element 1: must be an integer in 0..999, got 1000"),
+        ("step_list", [-1, 5], "element 0: must be an integer in 0..999, got -1"),
+        ("step_list", [0, 2.5], "element 1: must be an integer, got 2.5"),
+        ("step_list", [0, "250"], "element 1: must be an integer, got str '250'"),
+        ("step_list", [True, 5], "element 0: must be an integer, got bool True"),
+        ("step_list", [], "must hold at least one integer, got an empty list"),
+        ("step_list", "0,250,500", "must be a list of integers, got str '0,250,500'"),
+        ("step_list", 250, "must be a list of integers, got 250"),
     ],
 )
 def test_each_bad_value_is_refused_with_its_reason(name, value, reason):
@@ -113,7 +124,9 @@ def test_each_bad_value_is_refused_with_its_reason(name, value, reason):
 @pytest.mark.parametrize(
     "name, value, expected",
     [("width", 16, 16), ("width", 4096, 4096), ("frames", 1, 1), ("frames", 1001, 1001), ("steps", 50.0, 50),
-     ("steps", 1000, 1000), ("guidance", 0, 0.0), ("shift", 1e-3, 1e-3), ("fps", 240, 240), ("sampler", "unipc", "unipc")],
+     ("steps", 1000, 1000), ("guidance", 0, 0.0), ("shift", 1e-3, 1e-3), ("fps", 240, 240), ("sampler", "unipc", "unipc"),
+     ("sampler", "lcm", "lcm"), ("step_list", [0, 999], (0, 999)), ("step_list", (999,), (999,)),
+     ("step_list", [0.0, 250.0], (0, 250)), ("step_list", None, None)],
 )
 def test_boundary_values_are_accepted(name, value, expected):
     got = check_param(name, value)
@@ -174,3 +187,59 @@ def test_jobs_package_imports_neither_torch_nor_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]
     )
     assert out.stdout.strip() == ""
+
+
+# --- step_list: step-distilled sampling --------------------------------------------------
+
+
+def test_every_family_has_a_step_list_that_is_not_given_by_default():
+    for family in FAMILIES.values():
+        spec = family.spec
+        assert "step_list" in spec.param_names and "lcm" in spec._by_name["sampler"].choices
+        assert spec.defaults().step_list is None
+
+
+def test_a_step_list_is_a_tuple_of_ints_and_sets_steps_to_its_length():
+    p = WAN21.params(step_list=[0, 250.0, 500, 750])
+    assert p.step_list == (0, 250, 500, 750) and all(type(i) is int for i in p.step_list)
+    assert p.steps == 4
+    # an equal list in another spelling is the same job's parameters
+    same = WAN21.params(step_list=(0, 250, 500, 750))
+    assert same == p and hash(same) == hash(p)
+    # steps given with it must agree with its length
+    assert WAN21.params(steps=4, step_list=[0, 250, 500, 750]) == p
+    with pytest.raises(ValueError) as exc:
+        WAN21.params(steps=8, step_list=[0, 250, 500, 750])
+    assert str(exc.value) == "steps 8 disagrees with step_list of 4 entries"
+    # from a base holding a step_list: a new list sets steps again; steps alone must agree
+    assert WAN21.params(p, step_list=[0, 500]).steps == 2
+    assert WAN21.params(p, guidance=1.0).steps == 4
+    with pytest.raises(ValueError, match="steps 3 disagrees with step_list of 4 entries"):
+        WAN21.params(p, steps=3)
+    # a list dropped (None: not given) keeps the step count it had
+    q = WAN21.params(p, step_list=None)
+    assert q.step_list is None and q.steps == 4
+    # the A14B families too
+    a14b = FAMILIES["wan2.2-t2v-a14b"].spec
+    assert a14b.params(step_list=[0, 250, 500, 750], sampler="euler").steps == 4
+
+
+def test_a_step_list_round_trips_through_render_params_pickling_and_a_second_check():
+    import pickle
+
+    p = WAN21.params(step_list=[0, 250, 500, 750], sampler="lcm", guidance=1)
+    assert pickle.loads(pickle.dumps(p)) == p
+    assert WAN21.params(**p) == p  # what Engine.render does with a job's params
+
+
+def test_a_model_file_may_default_to_a_step_list_which_sets_its_steps():
+    spec = WAN21.with_defaults({"step_list": [0, 250, 500, 750], "sampler": "lcm", "guidance": 1.0})
+    d = spec.defaults()
+    assert (d.step_list, d.steps, d.sampler) == ((0, 250, 500, 750), 4, "lcm")
+    assert spec.params(**d) == d  # coherent: Engine.render checks a job's params again
+    assert spec.params(step_list=[0, 500]).steps == 2
+    assert WAN21.with_defaults({"step_list": [0, 500], "steps": 2}).defaults().steps == 2
+    with pytest.raises(ValueError, match="^defaults: steps 8 disagrees with step_list of 2 entries$"):
+        WAN21.with_defaults({"step_list": [0, 500], "steps": 8})
+    with pytest.raises(ValueError, match="^default step_list: must increase strictly"):
+        WAN21.with_defaults({"step_list": [500, 0]})

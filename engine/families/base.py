@@ -86,10 +86,40 @@ class Family:
     file_defaults: Callable[[Path], dict] | None = None
 
 
+class JobNoise:
+    """A job's random numbers: one CPU generator seeded with the job's seed (the same on every machine).
+
+    The first draw is the starting latent; the "lcm" sampler continues the same
+    stream, one latent-shaped draw per step, so a job stays one deterministic
+    function of its seed.
+    """
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def draw(self, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+        """The stream's next float32 standard normal of `shape`, moved to `device`."""
+        return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(device)
+
+
 def initial_noise(seed: int, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
-    """The job's starting latent: drawn by a CPU generator, so it is the same on every machine."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    """The job's starting latent: the first draw of its `JobNoise`."""
+    return JobNoise(seed).draw(shape, device)
+
+
+def cfg_rows(guidance: float) -> int:
+    """How many rows of (cond, uncond) a step runs through the DiT: 1 at guidance exactly 1.0,
+    where classifier-free guidance is the conditional velocity alone (distilled models), else 2."""
+    return 1 if guidance == 1.0 else 2
+
+
+def guided(velocity: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The step's velocity from the DiT's output for the first `cfg_rows(guidance)` rows of
+    (cond, uncond): the conditional one alone, or uncond + guidance x (cond - uncond)."""
+    if cfg_rows(guidance) == 1:
+        return velocity[0]
+    v_cond, v_uncond = velocity
+    return v_uncond + guidance * (v_cond - v_uncond)
 
 
 def check_finite(latents: torch.Tensor, step: int, steps: int) -> None:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from engine.families.base import DitFile, Family, ProgressFn, VaeFile, check_finite, initial_noise, single
+from engine.families.base import (DitFile, Family, JobNoise, ProgressFn, VaeFile, cfg_rows, check_finite, guided,
+                                  single)
 from engine.families.wan22_i2v_a14b import first_frame_mask, output_size
 from engine.sampling import make_solver
 from jobs.family import FamilySpec, InputSpec
 from jobs.params import (DEFAULT_NEGATIVE_PROMPT, ParamSpec, RenderParams, fps_param, frames_param, guidance_param,
-                         sampler_param, shift_param, steps_param)
+                         sampler_param, shift_param, step_list_param, steps_param)
 
 AREA_480P, AREA_720P = 832 * 480, 1280 * 720
 
@@ -43,6 +44,7 @@ SPEC = FamilySpec(
         sampler_param("unipc"),
         ParamSpec("area", "int", AREA_480P, low=256, high=4096 * 4096,
                   help="pixels of a video sized from its image: 832x480 (480P file) or 1280x720 (720P file)"),
+        step_list_param(),
     ),
     inputs=(InputSpec("image", "image", required=True, help="the first frame: PNG, JPEG or WebP"),),
     negative_prompt="镜头晃动，" + DEFAULT_NEGATIVE_PROMPT,  # official wan_i2v_14B.sample_neg_prompt
@@ -92,16 +94,18 @@ class Wan21I2V:
         with torch.no_grad():  # official: CLIP sees the whole image (its own resize), the VAE the resized one
             clip = encode_image(self.clip, to_unit_range(image).to(self.device))
         y = self.condition(i2v_a14b_image(image, height, width), params.frames)
-        latents = initial_noise(seed, (16, *y.shape[1:]), self.device)
-        solver = make_solver(params.sampler, params.steps, params.shift)
-        context = torch.stack([cond, uncond]).to(self.dtype)
-        image_context = clip.unsqueeze(0).expand(2, -1, -1).to(self.dtype)
+        noise = JobNoise(seed)  # the starting latent, then (sampler "lcm") each step's fresh noise
+        latents = noise.draw((16, *y.shape[1:]), self.device)
+        solver = make_solver(params.sampler, params.steps, params.shift, params.step_list, noise)
+        rows = cfg_rows(params.guidance)  # guidance 1: the conditional forward alone
+        context = torch.stack([cond, uncond])[:rows].to(self.dtype)
+        image_context = clip.unsqueeze(0).expand(rows, -1, -1).to(self.dtype)
         for i, t in enumerate(solver.timesteps):
-            x = torch.cat([latents, y]).to(self.dtype).unsqueeze(0).expand(2, -1, -1, -1, -1)
-            timestep = torch.full((2,), float(t), device=self.device)
+            x = torch.cat([latents, y]).to(self.dtype).unsqueeze(0).expand(rows, -1, -1, -1, -1)
+            timestep = torch.full((rows,), float(t), device=self.device)
             with torch.no_grad():
-                v_cond, v_uncond = self.dit(x, timestep, context, image_context).float()
-            velocity = v_uncond + params.guidance * (v_cond - v_uncond)
+                v = self.dit(x, timestep, context, image_context).float()
+            velocity = guided(v, params.guidance)
             latents = solver.step(velocity, i, latents)
             check_finite(latents, i + 1, params.steps)
             if progress is not None:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from engine.families.base import DitFile, Family, ProgressFn, VaeFile, check_finite, initial_noise, latent_grid, single
+from engine.families.base import (DitFile, Family, JobNoise, ProgressFn, VaeFile, cfg_rows, check_finite, guided,
+                                  latent_grid, single)
 from engine.sampling import make_solver
 from jobs.family import FamilySpec
 from jobs.params import (RenderParams, fps_param, frames_param, guidance_param, sampler_param, shift_param,
-                         size_param, steps_param)
+                         size_param, step_list_param, steps_param)
 
 SPEC = FamilySpec(
     name="wan2.1-t2v",
@@ -29,6 +30,7 @@ SPEC = FamilySpec(
         shift_param(5.0),
         fps_param(16),
         sampler_param("unipc"),
+        step_list_param(),
     ),
 )
 
@@ -53,15 +55,17 @@ class Wan21T2V:
 
     def denoise(self, cond: torch.Tensor, uncond: torch.Tensor, seed: int, params: RenderParams,
                 inputs: dict[str, str], progress: ProgressFn | None = None) -> torch.Tensor:
-        latents = initial_noise(seed, (16, *latent_grid(params, VAE_STRIDE[0], VAE_STRIDE[1])), self.device)
-        solver = make_solver(params.sampler, params.steps, params.shift)
-        context = torch.stack([cond, uncond]).to(self.dtype)
+        noise = JobNoise(seed)  # the starting latent, then (sampler "lcm") each step's fresh noise
+        latents = noise.draw((16, *latent_grid(params, VAE_STRIDE[0], VAE_STRIDE[1])), self.device)
+        solver = make_solver(params.sampler, params.steps, params.shift, params.step_list, noise)
+        rows = cfg_rows(params.guidance)  # guidance 1: the conditional forward alone
+        context = torch.stack([cond, uncond])[:rows].to(self.dtype)
         for i, t in enumerate(solver.timesteps):
-            x = latents.to(self.dtype).unsqueeze(0).expand(2, *latents.shape)
-            timestep = torch.full((2,), float(t), device=self.device)
+            x = latents.to(self.dtype).unsqueeze(0).expand(rows, *latents.shape)
+            timestep = torch.full((rows,), float(t), device=self.device)
             with torch.no_grad():
-                v_cond, v_uncond = self.dit(x, timestep, context).float()
-            velocity = v_uncond + params.guidance * (v_cond - v_uncond)
+                v = self.dit(x, timestep, context).float()
+            velocity = guided(v, params.guidance)
             latents = solver.step(velocity, i, latents)
             check_finite(latents, i + 1, params.steps)
             if progress is not None:

@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.families.base import DitFile, Family, ProgressFn, VaeFile, check_finite, initial_noise, single
+from engine.families.base import (DitFile, Family, JobNoise, ProgressFn, VaeFile, cfg_rows, check_finite, guided,
+                                  single)
 from engine.sampling import make_solver
 from jobs.family import FamilySpec, InputSpec
 from jobs.params import (ParamSpec, RenderParams, fps_param, frames_param, guidance_param, sampler_param,
-                         shift_param, size_param, steps_param)
+                         shift_param, size_param, step_list_param, steps_param)
 
 VAE_STRIDE = (4, 8, 8)
 VACE_CHANNELS = 96  # 16 inactive + 16 reactive latent channels + 64 of the 8x8 mask
@@ -65,6 +66,7 @@ SPEC = FamilySpec(
         fps_param(16),
         sampler_param("unipc"),
         context_scale_param(),
+        step_list_param(),
     ),
     inputs=VACE_INPUTS,
 )
@@ -142,17 +144,19 @@ class Wan21Vace:
                 inputs: dict, progress: ProgressFn | None = None) -> torch.Tensor:
         video, mask, references = read_vace_inputs(inputs, params)
         z = vace_context(self.vae, video, mask, references, self.device)
-        latents = initial_noise(seed, (16, *z.shape[1:]), self.device)  # reference frames included
-        solver = make_solver(params.sampler, params.steps, params.shift)
-        context = torch.stack([cond, uncond]).to(self.dtype)
-        conditioning = z.to(self.dtype).unsqueeze(0).expand(2, -1, -1, -1, -1)
+        noise = JobNoise(seed)  # the starting latent, then (sampler "lcm") each step's fresh noise
+        latents = noise.draw((16, *z.shape[1:]), self.device)  # reference frames included
+        solver = make_solver(params.sampler, params.steps, params.shift, params.step_list, noise)
+        rows = cfg_rows(params.guidance)  # guidance 1: the conditional forward alone
+        context = torch.stack([cond, uncond])[:rows].to(self.dtype)
+        conditioning = z.to(self.dtype).unsqueeze(0).expand(rows, -1, -1, -1, -1)
         for i, t in enumerate(solver.timesteps):
-            x = latents.to(self.dtype).unsqueeze(0).expand(2, *latents.shape)
-            timestep = torch.full((2,), float(t), device=self.device)
+            x = latents.to(self.dtype).unsqueeze(0).expand(rows, *latents.shape)
+            timestep = torch.full((rows,), float(t), device=self.device)
             with torch.no_grad():
-                v_cond, v_uncond = self.dit(x, timestep, context, vace_context=conditioning,
-                                            context_scale=params.context_scale).float()
-            velocity = v_uncond + params.guidance * (v_cond - v_uncond)
+                v = self.dit(x, timestep, context, vace_context=conditioning,
+                             context_scale=params.context_scale).float()
+            velocity = guided(v, params.guidance)
             latents = solver.step(velocity, i, latents)
             check_finite(latents, i + 1, params.steps)
             if progress is not None:

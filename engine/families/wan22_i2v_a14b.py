@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from engine.families.base import (DitFile, Family, ProgressFn, RenderError, VaeFile, check_finite, expert_pair,
-                                  initial_noise)
+from engine.families.base import (DitFile, Family, JobNoise, ProgressFn, RenderError, VaeFile, cfg_rows, check_finite,
+                                  expert_pair, guided)
 from engine.families.experts import ExpertPair
 from engine.sampling import make_solver
 from jobs.family import FamilySpec, InputSpec
 from jobs.params import (ParamSpec, RenderParams, fps_param, frames_param, guidance_param, sampler_param,
-                         shift_param, steps_param)
+                         shift_param, step_list_param, steps_param)
 
 AREA = 1280 * 720  # official default max_area: the size a job without width/height gets
 VAE_STRIDE = (4, 8, 8)
@@ -30,6 +30,7 @@ PATCH = 2
 SPEC = FamilySpec(
     name="wan2.2-i2v-a14b",
     title="Wan2.2 I2V-A14B",
+    lora_slots=("loras_high", "loras_low"),
     param_specs=(
         ParamSpec("width", "int", 0, low=0, high=4096, multiple=16,
                   help="pixels, a multiple of 16; 0 (default): from the image's aspect ratio at 1280x720's area"),
@@ -44,6 +45,7 @@ SPEC = FamilySpec(
         guidance_param("guidance_2", 3.5, help="guidance of the low-noise expert"),
         ParamSpec("boundary", "float", 0.900, low=0.0, high=1.0,
                   help="the high-noise expert denoises while t >= boundary x 1000"),
+        step_list_param(),
     ),
     inputs=(InputSpec("image", "image", required=True, help="the first frame: PNG, JPEG or WebP"),),
 )
@@ -101,19 +103,21 @@ class Wan22I2VA14B:
         image = read_image(inputs["image"])
         height, width = output_size(params, image.shape[0], image.shape[1])
         y = self.condition(i2v_a14b_image(image, height, width), params.frames)
-        latents = initial_noise(seed, (16, *y.shape[1:]), self.device)
-        solver = make_solver(params.sampler, params.steps, params.shift)
+        noise = JobNoise(seed)  # the starting latent, then (sampler "lcm") each step's fresh noise
+        latents = noise.draw((16, *y.shape[1:]), self.device)
+        solver = make_solver(params.sampler, params.steps, params.shift, params.step_list, noise)
         context = torch.stack([cond, uncond]).to(self.dtype)
         boundary = params.boundary * 1000
         for i, t in enumerate(solver.timesteps):
             high = t >= boundary
             dit = self.experts.use("high" if high else "low")
             guidance = params.guidance if high else params.guidance_2
-            x = torch.cat([latents, y]).to(self.dtype).unsqueeze(0).expand(2, -1, -1, -1, -1)
-            timestep = torch.full((2,), float(t), device=self.device)
+            rows = cfg_rows(guidance)  # guidance 1: the conditional forward alone
+            x = torch.cat([latents, y]).to(self.dtype).unsqueeze(0).expand(rows, -1, -1, -1, -1)
+            timestep = torch.full((rows,), float(t), device=self.device)
             with torch.no_grad():
-                v_cond, v_uncond = dit(x, timestep, context).float()
-            velocity = v_uncond + guidance * (v_cond - v_uncond)
+                v = dit(x, timestep, context[:rows]).float()
+            velocity = guided(v, guidance)
             latents = solver.step(velocity, i, latents)
             check_finite(latents, i + 1, params.steps)
             if progress is not None:

@@ -14,17 +14,18 @@ from pathlib import Path
 
 import torch
 
-from engine.families.base import (DitFile, Family, ProgressFn, VaeFile, check_finite, expert_pair, initial_noise,
-                                  latent_grid)
+from engine.families.base import (DitFile, Family, JobNoise, ProgressFn, VaeFile, cfg_rows, check_finite, expert_pair,
+                                  guided, latent_grid)
 from engine.families.experts import ExpertPair
 from engine.sampling import make_solver
 from jobs.family import FamilySpec
 from jobs.params import (ParamSpec, RenderParams, fps_param, frames_param, guidance_param, sampler_param,
-                         shift_param, size_param, steps_param)
+                         shift_param, size_param, step_list_param, steps_param)
 
 SPEC = FamilySpec(
     name="wan2.2-t2v-a14b",
     title="Wan2.2 T2V-A14B",
+    lora_slots=("loras_high", "loras_low"),
     param_specs=(
         size_param("width", 1280, multiple=16),
         size_param("height", 720, multiple=16),
@@ -37,6 +38,7 @@ SPEC = FamilySpec(
         guidance_param("guidance_2", 3.0, help="guidance of the low-noise expert"),
         ParamSpec("boundary", "float", 0.875, low=0.0, high=1.0,
                   help="the high-noise expert denoises while t >= boundary x 1000"),
+        step_list_param(),
     ),
 )
 
@@ -61,19 +63,21 @@ class Wan22T2VA14B:
 
     def denoise(self, cond: torch.Tensor, uncond: torch.Tensor, seed: int, params: RenderParams,
                 inputs: dict[str, str], progress: ProgressFn | None = None) -> torch.Tensor:
-        latents = initial_noise(seed, (16, *latent_grid(params, VAE_STRIDE[0], VAE_STRIDE[1])), self.device)
-        solver = make_solver(params.sampler, params.steps, params.shift)
+        noise = JobNoise(seed)  # the starting latent, then (sampler "lcm") each step's fresh noise
+        latents = noise.draw((16, *latent_grid(params, VAE_STRIDE[0], VAE_STRIDE[1])), self.device)
+        solver = make_solver(params.sampler, params.steps, params.shift, params.step_list, noise)
         context = torch.stack([cond, uncond]).to(self.dtype)
         boundary = params.boundary * 1000
         for i, t in enumerate(solver.timesteps):
             high = t >= boundary
             dit = self.experts.use("high" if high else "low")
             guidance = params.guidance if high else params.guidance_2
-            x = latents.to(self.dtype).unsqueeze(0).expand(2, *latents.shape)
-            timestep = torch.full((2,), float(t), device=self.device)
+            rows = cfg_rows(guidance)  # guidance 1: the conditional forward alone
+            x = latents.to(self.dtype).unsqueeze(0).expand(rows, *latents.shape)
+            timestep = torch.full((rows,), float(t), device=self.device)
             with torch.no_grad():
-                v_cond, v_uncond = dit(x, timestep, context).float()
-            velocity = v_uncond + guidance * (v_cond - v_uncond)
+                v = dit(x, timestep, context[:rows]).float()
+            velocity = guided(v, guidance)
             latents = solver.step(velocity, i, latents)
             check_finite(latents, i + 1, params.steps)
             if progress is not None:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from engine.families.base import (DitFile, Family, ProgressFn, RenderError, VaeFile, check_finite, initial_noise,
-                                  single)
+from engine.families.base import (DitFile, Family, JobNoise, ProgressFn, RenderError, VaeFile, cfg_rows, check_finite,
+                                  guided, single)
 from engine.sampling import make_solver
 from jobs.family import FamilySpec, InputSpec
 from jobs.params import (ParamSpec, RenderParams, fps_param, frames_param, guidance_param, sampler_param,
-                         shift_param, steps_param)
+                         shift_param, step_list_param, steps_param)
 
 DEFAULT_SIZE = (704, 1280)  # (height, width) of text to video; its area sizes image to video
 VAE_STRIDE = (4, 16, 16)
@@ -40,6 +40,7 @@ SPEC = FamilySpec(
         shift_param(5.0),
         fps_param(24),
         sampler_param("unipc"),
+        step_list_param(),
     ),
     inputs=(InputSpec("image", "image", required=False, help="optional first frame: PNG, JPEG or WebP"),),
 )
@@ -81,7 +82,8 @@ class Wan22TI2V5B:
         image = read_image(inputs["image"]) if "image" in inputs else None
         height, width = output_size(params, None if image is None else image.shape[:2])
         grid = ((params.frames - 1) // VAE_STRIDE[0] + 1, height // VAE_STRIDE[1], width // VAE_STRIDE[2])
-        latents = initial_noise(seed, (48, *grid), self.device)
+        noise = JobNoise(seed)  # the starting latent, then (sampler "lcm") each step's fresh noise
+        latents = noise.draw((48, *grid), self.device)
 
         # mask: 0 where the latent is given (the image's frame), 1 where it is denoised.
         mask = torch.ones_like(latents)
@@ -93,15 +95,16 @@ class Wan22TI2V5B:
             mask[:, 0] = 0
         latents = (1 - mask) * first + mask * latents
 
-        solver = make_solver(params.sampler, params.steps, params.shift)
-        context = torch.stack([cond, uncond]).to(self.dtype)
+        solver = make_solver(params.sampler, params.steps, params.shift, params.step_list, noise)
+        rows = cfg_rows(params.guidance)  # guidance 1: the conditional forward alone
+        context = torch.stack([cond, uncond])[:rows].to(self.dtype)
         token_mask = mask[0, :, ::PATCH, ::PATCH].flatten()  # one value per patch token
         for i, t in enumerate(solver.timesteps):
-            x = latents.to(self.dtype).unsqueeze(0).expand(2, *latents.shape)
-            timestep = (token_mask * float(t)).unsqueeze(0).expand(2, -1)
+            x = latents.to(self.dtype).unsqueeze(0).expand(rows, *latents.shape)
+            timestep = (token_mask * float(t)).unsqueeze(0).expand(rows, -1)
             with torch.no_grad():
-                v_cond, v_uncond = self.dit(x, timestep, context).float()
-            velocity = v_uncond + params.guidance * (v_cond - v_uncond)
+                v = self.dit(x, timestep, context).float()
+            velocity = guided(v, params.guidance)
             latents = solver.step(velocity, i, latents)
             latents = (1 - mask) * first + mask * latents
             check_finite(latents, i + 1, params.steps)

@@ -17,18 +17,19 @@ from pathlib import Path
 
 import torch
 
-from engine.families.base import (DitFile, Family, ProgressFn, VaeFile, check_finite, expert_pair,
-                                  initial_noise)
+from engine.families.base import (DitFile, Family, JobNoise, ProgressFn, VaeFile, cfg_rows, check_finite, expert_pair,
+                                  guided)
 from engine.families.experts import ExpertPair
 from engine.families.wan21_vace import VACE_CHANNELS, VACE_INPUTS, context_scale_param, read_vace_inputs, vace_context
 from engine.sampling import make_solver
 from jobs.family import FamilySpec
 from jobs.params import (ParamSpec, RenderParams, fps_param, frames_param, guidance_param, sampler_param,
-                         shift_param, size_param, steps_param)
+                         shift_param, size_param, step_list_param, steps_param)
 
 SPEC = FamilySpec(
     name="wan2.2-vace-fun-a14b",
     title="Wan2.2 VACE-Fun A14B",
+    lora_slots=("loras_high", "loras_low"),
     param_specs=(
         size_param("width", 832, multiple=16),
         size_param("height", 480, multiple=16),
@@ -42,6 +43,7 @@ SPEC = FamilySpec(
         guidance_param("guidance_2", 5.0, help="guidance of the low-noise expert"),
         ParamSpec("boundary", "float", 0.875, low=0.0, high=1.0,
                   help="the high-noise expert denoises while t >= boundary x 1000"),
+        step_list_param(),
     ),
     inputs=VACE_INPUTS,
 )
@@ -66,8 +68,9 @@ class Wan22VaceFunA14B:
                 inputs: dict, progress: ProgressFn | None = None) -> torch.Tensor:
         video, mask, references = read_vace_inputs(inputs, params)
         z = vace_context(self.vae, video, mask, references, self.device)
-        latents = initial_noise(seed, (16, *z.shape[1:]), self.device)  # reference frames included
-        solver = make_solver(params.sampler, params.steps, params.shift)
+        noise = JobNoise(seed)  # the starting latent, then (sampler "lcm") each step's fresh noise
+        latents = noise.draw((16, *z.shape[1:]), self.device)  # reference frames included
+        solver = make_solver(params.sampler, params.steps, params.shift, params.step_list, noise)
         context = torch.stack([cond, uncond]).to(self.dtype)
         conditioning = z.to(self.dtype).unsqueeze(0).expand(2, -1, -1, -1, -1)
         boundary = params.boundary * 1000
@@ -75,12 +78,13 @@ class Wan22VaceFunA14B:
             high = t >= boundary
             dit = self.experts.use("high" if high else "low")
             guidance = params.guidance if high else params.guidance_2
-            x = latents.to(self.dtype).unsqueeze(0).expand(2, *latents.shape)
-            timestep = torch.full((2,), float(t), device=self.device)
+            rows = cfg_rows(guidance)  # guidance 1: the conditional forward alone
+            x = latents.to(self.dtype).unsqueeze(0).expand(rows, *latents.shape)
+            timestep = torch.full((rows,), float(t), device=self.device)
             with torch.no_grad():
-                v_cond, v_uncond = dit(x, timestep, context, vace_context=conditioning,
-                                       context_scale=params.context_scale).float()
-            velocity = v_uncond + guidance * (v_cond - v_uncond)
+                v = dit(x, timestep, context[:rows], vace_context=conditioning[:rows],
+                        context_scale=params.context_scale).float()
+            velocity = guided(v, guidance)
             latents = solver.step(velocity, i, latents)
             check_finite(latents, i + 1, params.steps)
             if progress is not None:

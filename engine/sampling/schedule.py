@@ -13,6 +13,10 @@ Follows `FlowUniPCMultistepScheduler` as `wan/text2video.py` drives it
 
 numpy (not torch) does the float64 part because `torch.linspace` and
 `numpy.linspace` can differ in the last bit, and the timesteps are truncated.
+
+Step-distilled models (LightX2V's Wan step distillation,
+`lightx2v/models/schedulers/wan/step_distill/scheduler.py`) are sampled at a few
+fixed points of another table instead: `distill_schedule`.
 """
 import math
 
@@ -39,6 +43,29 @@ def flow_schedule(steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]
     return sigmas, timesteps
 
 
+def distill_schedule(step_list: tuple[int, ...] | list[int], shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The schedule of a step-distilled model: (sigmas float32 [N + 1] ending in 0, timesteps float64 [N]).
+
+    `step_list` holds indices i into a 1000-entry table σ_i = shift·s / (1 + (shift - 1)·s)
+    with s = 1 - i/1000 (LightX2V's `linspace(1, 0, 1001)[:-1]`, shifted; its
+    `denoising_step_list` [1000, 750, 500, 250] is our [0, 250, 500, 750]). The timesteps
+    are 1000·σ_i, not truncated: with shift 5, [0, 250, 500, 750] gives 1000, 937.5,
+    833.33.., 625. Index 0 is σ = 1, pure noise.
+    """
+    indices = list(step_list)
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < NUM_TRAIN_TIMESTEPS
+                          for i in indices):
+        raise ValueError(f"distill_schedule: step_list must be integers in 0..{NUM_TRAIN_TIMESTEPS - 1}, "
+                         f"got {indices!r:.80}")
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"distill_schedule: shift must be a finite number > 0, got {shift!r}")
+    s = 1.0 - np.asarray(indices, dtype=np.float64) / NUM_TRAIN_TIMESTEPS
+    sigmas = shift * s / (1 + (shift - 1) * s)
+    timesteps = torch.from_numpy(sigmas * NUM_TRAIN_TIMESTEPS)
+    sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+    return sigmas, timesteps
+
+
 def check_schedule(sigmas: torch.Tensor, timesteps: torch.Tensor) -> None:
     """Raise ValueError unless (sigmas, timesteps) is a schedule a solver can step through."""
     if sigmas.ndim != 1 or timesteps.ndim != 1 or len(sigmas) != len(timesteps) + 1 or len(timesteps) < 1:
@@ -46,7 +73,9 @@ def check_schedule(sigmas: torch.Tensor, timesteps: torch.Tensor) -> None:
             f"schedule: need sigmas [N+1] and timesteps [N] with N >= 1, "
             f"got sigmas {tuple(sigmas.shape)} and timesteps {tuple(timesteps.shape)}"
         )
-    if sigmas[-1] != 0 or not bool((sigmas[:-1] > 0).all() and (sigmas[:-1] < 1).all()):
-        raise ValueError(f"schedule: sigmas must lie in (0, 1) and end in 0, got {sigmas.tolist()}")
+    # σ = 1 (pure noise) only at the first step: a step-distilled schedule may start there.
+    if sigmas[-1] != 0 or not bool((sigmas[:-1] > 0).all() and sigmas[0] <= 1 and (sigmas[1:-1] < 1).all()):
+        raise ValueError(f"schedule: sigmas must lie in (0, 1) (the first may be 1) and end in 0, "
+                         f"got {sigmas.tolist()}")
     if not bool((sigmas[1:] < sigmas[:-1]).all()):
         raise ValueError(f"schedule: sigmas must decrease strictly, got {sigmas.tolist()}")

@@ -15,6 +15,12 @@ A step i, given the model's velocity at (x_i, σ_i):
   2. UniP predictor: x_{i+1} from x_i and the last one or two x0 estimates;
      order 1 at the first step (no history yet) and at the last step.
 
+A step-distilled schedule may start at σ = 1 (pure noise), where λ = -inf.
+The first-order terms have finite limits there (e^{-h} - 1 -> -1), and so do
+the second-order ones that reach back to it: with r1 -> -inf the predictor's
+D1 -> 0 and the corrector's rho_c -> (0, b1). The corrector takes that limit
+explicitly rather than hand a 2x2 system with an infinite entry to LAPACK.
+
 The scalar coefficients are computed like the reference, on 0-dim float32
 tensors, so that our samples match it to float32 rounding. They stay on the
 CPU whatever the sample's device (a 0-dim CPU tensor broadcasts onto a CUDA
@@ -105,6 +111,8 @@ class UniPCSolver:
         D1 = (self._x0_history[-2] - m0) / r1
         h_phi_k = h_phi_1 / hh - 1
         b1 = h_phi_k * 1 / B_h
+        if not torch.isfinite(r1):  # x_{i-2} at σ = 1: the limit r1 -> -inf, rho_c = (0, b1)
+            return x_t - alpha_t * B_h * (b1 * D1_t)
         h_phi_k = h_phi_k / hh - 1 / 2
         b2 = h_phi_k * 2 / B_h
         one = torch.ones((), dtype=torch.float32)
