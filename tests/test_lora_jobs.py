@@ -215,3 +215,18 @@ def test_run_wide_parameters_and_loras_fill_the_rows_that_give_none(tiny_model, 
     assert a.input_digests() == {"loras": [[sha(loras["x"]), 1.0]]} and b.inputs == {}
     with pytest.raises(ValueError, match="run parameters: steps 8 disagrees with step_list of 2 entries"):
         read_jobs(str(manifest), models.paths(), models.family, None, None, {"step_list": [0, 500], "steps": 8})
+
+
+def test_a_lora_that_does_not_fit_the_model_fails_its_job_in_one_line(ray_session, tiny_model, loras, tmp_path):
+    """Keys for blocks the tiny DiT does not have: that job fails naming the key and the count; the
+    other jobs (with a good LoRA, and without) are done."""
+    bad = write_lora(tmp_path / "for_a_bigger_model.safetensors", seed=3, blocks=(0, 7))
+    manifest = write_manifest(tmp_path / "m.parquet", {"prompt": ["bad", "good", "none"],
+                                                       "loras": [[str(bad)], [str(loras["x"])], None]})
+    out = tmp_path / "out"
+    report = run(run_config(tiny_model, manifest, out, actors=1, retries=0), stream=io.StringIO())
+    assert report["counts"] == report["counts"] | {"jobs": 3, "done": 2, "failed": 1}
+    df = metadata(out).set_index("prompt")
+    error = df.loc["bad", "error"]
+    assert "for_a_bigger_model.safetensors" in error and "15 keys match no layer" in error, error
+    assert "blocks.7." in error and "\n" not in error
