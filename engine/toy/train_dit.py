@@ -1,0 +1,324 @@
+"""Train a tiny Wan2.1 T2V DiT on the toy world, and write it with its text encoder as a model set.
+
+The DiT is `engine.wan.dit.WanModel` with the original tensor names, small
+(dim 128, 2 heads of 64, 2 blocks by default), trained with Wan's flow-matching
+objective on the VAE latents of the world's clips:
+
+    x_t = (1 - σ) x0 + σ ε,   t = 1000 σ,   target v = ε - x0,
+
+which is what the samplers integrate (Euler: x + (σ_next - σ) v). σ is drawn
+as Wan's training schedule draws it, a uniform timestep through the shift map
+σ = shift·u / (1 + (shift - 1)·u), with the shift the model set renders with.
+
+Text: a SentencePiece tokenizer trained on the world's phrasings (umT5's
+special ids, byte fallback so any prompt encodes) and a tiny umT5 encoder
+left frozen at seeded random weights. Frozen because the DiT's text
+embedding and cross-attention learn to read any fixed, injective map from
+prompts to hidden states, and a frozen encoder lets every phrasing's
+embedding be computed once: a training step then costs the DiT alone.
+
+Caption dropout (10%) replaces the prompt by the family's default negative
+prompt, the text `Engine.render` uses as the unconditional branch when a job
+names no negative prompt (an empty negative prompt falls back to it too), so
+classifier-free guidance at render time extrapolates away from exactly the
+embedding the model learnt as "no caption".
+
+    python -m engine.toy.train_dit --vae /tmp/toy/wan_2.1_vae_toy.safetensors --steps 3000 --out /tmp/toy/model
+
+writes the model set (DiT GGUF, umT5 GGUF with the tokenizer, the VAE copied)
+in engine/tiny.py's Wan2.1 T2V layout, then renders a few seen and held-out
+canonical prompts through `Engine` and prints their adherence.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.toy.world import all_scenes, held_out_scenes, phrasings, render_clip, training_scenes
+
+TOY_DIT = dict(dim=128, ffn_dim=256, num_heads=2, num_layers=2)
+TOY_T5 = dict(dim=64, heads=4, head_dim=16, ffn_dim=128, num_layers=2)
+# Defaults the written DiT carries: a full toy clip (17 frames, 64x64, 16 fps).
+TOY_DEFAULTS = dict(width=64, height=64, frames=17, steps=20, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
+CAPTION_DROPOUT = 0.1
+TOKENIZER_VOCAB = 320  # asked; sentencepiece keeps ~309: 256 byte pieces, 3 special ids, the world's words
+
+
+def negative_prompt() -> str:
+    """The unconditional text Engine uses for Wan2.1 T2V (the family's default negative prompt)."""
+    from engine.families import get_family
+
+    return get_family("wan2.1-t2v").spec.negative_prompt
+
+
+def train_world_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> bytes:
+    """A unigram SentencePiece model (umT5's kind and ids: pad 0, eos 1, unk 2, no BOS) of the world's
+    phrasings in which every word of the world is one piece; byte fallback for any other text.
+    Byte-identical on every run (one thread, no sampling)."""
+    from sentencepiece import SentencePieceTrainer
+
+    sentences = [text for scene in all_scenes() for text in phrasings(scene)]
+    # The phrasings alone leave "red", "moving", ... split in two (the 256 byte pieces take most of
+    # a small vocabulary); the words also given alone, often enough, make each one a piece.
+    sentences += sorted({word for text in sentences for word in text.replace(",", " ").split()}) * 20
+    out = io.BytesIO()
+    SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=out, model_type="unigram", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return out.getvalue()
+
+
+def random_t5_state(proto: bytes, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random weights of the tiny umT5 encoder for this tokenizer (original HF names)."""
+    from sentencepiece import SentencePieceProcessor
+
+    from engine.tiny import random_state_dict
+    from engine.wan.t5 import UMT5Config, UMT5Encoder
+
+    vocab = SentencePieceProcessor(model_proto=proto).get_piece_size()
+    with torch.device("meta"):
+        t5 = UMT5Encoder(UMT5Config(vocab=vocab, **TOY_T5))
+    return random_state_dict(t5, torch.Generator().manual_seed(seed))
+
+
+def text_embeddings(proto: bytes, t5_state: dict[str, torch.Tensor], prompts: Sequence[str]) -> list[torch.Tensor]:
+    """Each prompt's hidden states [tokens, dim] as Engine.embed computes them (before zero padding)."""
+    from engine.wan.t5 import UMT5Encoder, encode_text, infer_config
+    from engine.wan.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(proto)
+    encoder = UMT5Encoder(infer_config({n: t.shape for n, t in t5_state.items()}))
+    encoder.load_state_dict(t5_state, strict=False)
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            full = encode_text(tokenizer, encoder, prompt)
+            out.append(full[: len(tokenizer.encode(prompt))].clone())
+    return out
+
+
+def latent_pool(vae_path: str | Path, clips_per_scene: int, seed: int) -> tuple[torch.Tensor, list]:
+    """Normalised VAE latents [N, 16, 5, 8, 8] of `clips_per_scene` random clips of every training scene."""
+    from engine.wan.vae import load_vae
+
+    vae = load_vae(vae_path, encoder=True)
+    scenes, latents = [], []
+    rng = np.random.default_rng(seed)
+    for k in range(clips_per_scene):
+        for scene in training_scenes():
+            clip = render_clip(scene, rng)
+            video = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+            latents.append(vae.encode(video)[0])
+            scenes.append(scene)
+    return torch.stack(latents), scenes
+
+
+def trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Give each Wan block an out-of-place forward so autograd can run through it.
+
+    `WanAttentionBlock.forward` updates the residual stream in place (inference
+    keeps one copy of it); training needs the values its norms saved. The
+    replacement computes the same sums in the same order without in-place updates.
+    """
+    import types
+
+    def forward(block, x, e0, index, freqs, context):
+        dtype = context.dtype
+        mod = block.modulation.float()[0] + e0
+
+        def vector(k: int) -> torch.Tensor:
+            return mod[:, k][index]
+
+        y = block.self_attn(torch.addcmul(vector(0), block.norm1(x), 1 + vector(1)).to(dtype), freqs)
+        x = torch.addcmul(x, y, vector(2))
+        x = x + block.cross_attn(block.norm3(x).to(dtype), context)
+        y = block.ffn(torch.addcmul(vector(3), block.norm2(x), 1 + vector(4)).to(dtype))
+        return torch.addcmul(x, y, vector(5))
+
+    for block in model.blocks:
+        block.forward = types.MethodType(forward, block)
+    return model
+
+
+def sample_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """σ of Wan's training: a uniform timestep through the shift map (more weight on high noise for shift > 1)."""
+    u = torch.rand(batch, generator=generator)
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DIT["dim"],
+              layers: int = TOY_DIT["num_layers"], heads: int = TOY_DIT["num_heads"], batch: int = 16,
+              lr: float = 1e-3, clips_per_scene: int = 2, shift: float = TOY_DEFAULTS["shift"],
+              log: Callable[[str], None] = print, log_every: int = 50,
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bytes]:
+    """Train the toy DiT for `steps` AdamW steps; (DiT state dict, umT5 state dict, tokenizer proto).
+
+    Seeded throughout: the same arguments on the same torch build and thread count give the same weights.
+    Logs the mean loss of every `log_every` steps.
+    """
+    from engine.wan.dit import WanConfig, WanModel
+    from engine.wan.t5 import TEXT_LEN
+
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
+    start = time.perf_counter()
+    proto = train_world_tokenizer()
+    t5_state = random_t5_state(proto, seed)
+    latents, scenes = latent_pool(vae_path, clips_per_scene, seed)
+    texts = {scene: i * len(phrasings(scene)) for i, scene in enumerate(training_scenes())}
+    prompts = [text for scene in training_scenes() for text in phrasings(scene)]
+    embeddings = text_embeddings(proto, t5_state, prompts + [negative_prompt()])
+    width = len(phrasings(scenes[0]))
+    text_dim = embeddings[0].shape[1]
+    context = torch.zeros(len(embeddings), TEXT_LEN, text_dim)  # zero-padded as Engine.embed pads
+    for i, e in enumerate(embeddings):
+        context[i, : len(e)] = e
+    uncond = len(embeddings) - 1
+    first_text = torch.tensor([texts[scene] for scene in scenes])
+    log(f"pool: {len(latents)} clips -> latents {list(latents.shape[1:])} (std {latents.std():.3f}), "
+        f"{len(prompts)} phrasings, negative prompt {len(embeddings[-1])} tokens; "
+        f"{time.perf_counter() - start:.0f} s")
+
+    torch.manual_seed(seed)
+    cfg = WanConfig(dim=dim, ffn_dim=2 * dim, num_heads=heads, num_layers=layers, in_dim=16, out_dim=16,
+                    text_dim=text_dim)
+    model = trainable(WanModel(cfg))
+    with torch.no_grad():  # official init: modulation ~ N(0, 1/dim); a zero head starts at v = 0
+        for block in model.blocks:
+            block.modulation.normal_(0, dim ** -0.5)
+        model.head.modulation.normal_(0, dim ** -0.5)
+        model.head.head.weight.zero_()
+        model.head.head.bias.zero_()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    generator = torch.Generator().manual_seed(seed)
+    log(f"DiT: dim {dim}, {layers} blocks, {heads} heads, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters; batch {batch}, lr {lr}, shift {shift}, caption dropout {CAPTION_DROPOUT}")
+
+    window, losses = [], []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr)
+        index = torch.randint(len(latents), (batch,), generator=generator)
+        phrasing = torch.randint(width, (batch,), generator=generator)
+        text = first_text[index] + phrasing
+        drop = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
+        text = torch.where(drop, torch.full_like(text, uncond), text)
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = sample_sigmas(batch, shift, generator)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        velocity = model((1 - s) * x0 + s * noise, 1000 * sigma, context[text])
+        loss = F.mse_loss(velocity, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            losses.append(sum(window) / len(window))
+            log(f"step {step + 1:5d}  loss {losses[-1]:.4f}  lr {learning_rate(step, steps, lr):.2e}  "
+                f"{time.perf_counter() - start:.0f} s")
+            window = []
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    return state, t5_state, proto
+
+
+def write_model_set(directory: str | Path, dit_state: dict[str, torch.Tensor], heads: int,
+                    t5_state: dict[str, torch.Tensor], proto: bytes, vae_path: str | Path, quant: str = "F32",
+                    defaults: dict | None = None) -> dict[str, Path]:
+    """Write a Wan2.1 T2V model set as engine/tiny.py names its files ("toy" for "tiny"); paths by role.
+
+    The DiT's head count goes into its metadata (its heads are not the published 128 wide)."""
+    from engine.model_set import DEFAULTS_KEY
+    from engine.wan.convert.dit import write_dit_gguf
+    from engine.wan.convert.t5 import write_umt5_gguf
+    from engine.wan.dit import HEAD_COUNT_KEY
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"dit": directory / f"wan2.1-t2v-toy-{quant}.gguf",
+             "text_encoder": directory / f"umt5-toy-encoder-{quant}.gguf",
+             "vae": directory / "wan_2.1_vae_toy.safetensors"}
+    metadata = {HEAD_COUNT_KEY: int(heads), DEFAULTS_KEY: json.dumps(defaults or TOY_DEFAULTS, sort_keys=True)}
+    write_dit_gguf(dit_state, paths["dit"], quant=quant, metadata=metadata)
+    write_umt5_gguf(t5_state, proto, paths["text_encoder"], quant=quant)
+    if Path(vae_path).resolve() != paths["vae"].resolve():
+        shutil.copyfile(vae_path, paths["vae"])
+    return paths
+
+
+def evaluate(directory: str | Path, scenes: Sequence, seed: int = 0, log: Callable[[str], None] = print,
+             threads: int | None = None) -> dict[str, float]:
+    """Render each scene's canonical prompt with the model set's defaults and score it; accuracy per attribute."""
+    from engine.model_set import ModelSet
+    from engine.render import Engine
+    from engine.toy.adherence import accuracy, score_clip
+
+    engine = Engine(ModelSet.from_dir(directory), cpu_threads=threads or torch.get_num_threads())
+    scores = []
+    for i, scene in enumerate(scenes):
+        frames = engine.render(scene.prompt, seed + i).frames
+        scores.append(score_clip(frames, scene))
+    result = accuracy(scores)
+    log("  ".join(f"{name} {value:.2f}" for name, value in result.items()))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.toy.train_dit",
+                                     description="Train the toy world's Wan2.1 T2V DiT and write a model set.")
+    parser.add_argument("--vae", required=True, help="the toy Wan2.1 VAE (.safetensors, with its encoder)")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dim", type=int, default=TOY_DIT["dim"])
+    parser.add_argument("--layers", type=int, default=TOY_DIT["num_layers"])
+    parser.add_argument("--heads", type=int, default=TOY_DIT["num_heads"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--clips-per-scene", type=int, default=2)
+    parser.add_argument("--quant", default="F32", choices=("F32", "F16", "Q8_0"))
+    parser.add_argument("--eval", type=int, default=12, help="seen and held-out prompts rendered and scored, each")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", required=True, help="directory for the model set")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    dit, t5, proto = train_dit(args.vae, args.steps, seed=args.seed, dim=args.dim, layers=args.layers,
+                               heads=args.heads, batch=args.batch, lr=args.lr, clips_per_scene=args.clips_per_scene)
+    write_model_set(args.out, dit, args.heads, t5, proto, args.vae, quant=args.quant)
+    print(f"wrote the model set to {args.out}")
+    count = args.eval
+    seen = training_scenes()[:: max(len(training_scenes()) // count, 1)][:count] if count else []
+    held = held_out_scenes()[:: max(len(held_out_scenes()) // count, 1)][:count] if count else []
+    if seen:
+        print(f"adherence, {len(seen)} seen prompts:", end=" ")
+        evaluate(args.out, seen)
+        print(f"adherence, {len(held)} held-out prompts:", end=" ")
+        evaluate(args.out, held, seed=1000)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
