@@ -1,0 +1,119 @@
+"""Training the toy world's Wan2.1 VAE: it learns, it is seeded, and the engine reads what it writes.
+
+The model trained here is far smaller than the shipped one (base width 4,
+5-frame windows, one clip a step) so the file runs in well under a minute;
+the code path is the same.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.toy.train_vae import (
+    clip_tensor, fold_latent_statistics, main, normalised_latents, train_vae, training_batch, training_loss,
+)
+from engine.toy.world import Scene, render_clip
+from engine.wan.convert.vae import random_vae_state_dict, vae_file_shapes, write_vae_safetensors
+from engine.wan.vae import WanVAE, WanVAEConfig, load_vae
+
+SMALL = WanVAEConfig(base_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+STEPS = 30
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Bitwise determinism is per thread count; one thread also keeps the shared machine usable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    lines: list[str] = []
+    state = train_vae(STEPS, seed=0, config=SMALL, batch=1, log=lines.append, log_every=10, clip_chunks=1)
+    return state, lines
+
+
+def vae_from(state: dict[str, torch.Tensor], config: WanVAEConfig = SMALL) -> WanVAE:
+    model = WanVAE(config, encoder=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_training_lowers_the_reconstruction_loss(trained):
+    state, lines = trained
+    video = training_batch(np.random.default_rng(99), 2, 5)
+    losses = []
+    for weights in (random_vae_state_dict(vae_file_shapes(SMALL), 0), state):  # train_vae's start, its end
+        with torch.no_grad():
+            _, l1 = training_loss(vae_from(weights), video, torch.Generator().manual_seed(0))
+        losses.append(l1.item())
+    assert losses[1] < 0.75 * losses[0], losses
+    # The curve it printed: one line per 10 steps, then the statistics and the PSNR.
+    assert [line.split()[2] for line in lines[:3]] == ["10/30", "20/30", "30/30"]
+    assert "latent statistics" in lines[3] and lines[4].startswith("held-out reconstruction PSNR")
+
+
+def test_same_seed_same_weights_bit_for_bit():
+    runs = [train_vae(3, seed=5, config=SMALL, batch=1, log=lambda _: None, clip_chunks=1) for _ in range(2)]
+    other = train_vae(3, seed=6, config=SMALL, batch=1, log=lambda _: None, clip_chunks=1)
+    assert list(runs[0]) == list(runs[1]) == list(vae_file_shapes(SMALL))
+    assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
+    assert not all(torch.equal(runs[0][name], other[name]) for name in runs[0])
+
+
+def test_written_file_loads_into_the_engine_and_beats_a_random_vae(trained, tmp_path):
+    state, _ = trained
+    write_vae_safetensors(state, tmp_path / "toy.safetensors")
+    write_vae_safetensors(random_vae_state_dict(vae_file_shapes(SMALL), 0), tmp_path / "random.safetensors")
+    clip = clip_tensor([render_clip(Scene("red", "square", "right", "gray"), 3)])  # a training scene, 17 frames
+
+    errors = {}
+    for name in ("toy", "random"):
+        model = load_vae(tmp_path / f"{name}.safetensors", encoder=True)
+        assert model.config == SMALL
+        latents = model.encode(clip)
+        assert latents.shape == (1, 16, 5, 8, 8)
+        errors[name] = (model.decode(latents) - clip).square().mean().item()
+    assert errors["toy"] < 0.5 * errors["random"], errors
+    # The loader hands back exactly the trained tensors.
+    loaded = load_vae(tmp_path / "toy.safetensors", encoder=True).state_dict()
+    assert all(torch.equal(loaded[name], state[name]) for name in state)
+
+
+def test_folded_statistics_give_unit_latents_and_leave_reconstruction_unchanged():
+    model = vae_from(random_vae_state_dict(vae_file_shapes(SMALL), 1))
+    video = training_batch(np.random.default_rng(0), 6, 9)
+    before = model.decode(model.encode(video))
+    z = normalised_latents(model, video)
+    assert z.std(dim=(0, 2, 3, 4)).sub(1).abs().max() > 0.2  # a random VAE's latents are not unit-scaled
+
+    m, s = fold_latent_statistics(model, video)
+    assert torch.allclose(m, z.mean(dim=(0, 2, 3, 4))) and torch.allclose(s, z.std(dim=(0, 2, 3, 4)))
+    z = normalised_latents(model, video)
+    assert z.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-4
+    assert z.std(dim=(0, 2, 3, 4)).sub(1).abs().max() < 1e-4
+    # Through the float32 rounding of the two 1x1 convs; pixels span [-1, 1].
+    assert (model.decode(model.encode(video)) - before).abs().max() < 1e-4
+
+
+def test_cli_writes_a_file_the_engine_reloads(tmp_path, capsys, monkeypatch):
+    import engine.toy.train_vae as train_vae_module
+
+    monkeypatch.setattr(train_vae_module, "TOY_VAE_CONFIG", SMALL)
+    out = tmp_path / "wan_2.1_vae_toy.safetensors"
+    assert main(["--steps", "2", "--batch", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.is_file() and "re-loaded with load_vae(encoder=True)" in printed
+    assert load_vae(out, encoder=True).config == SMALL
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="steps and batch"):
+        train_vae(0, config=SMALL)
+    with pytest.raises(ValueError, match="clip_chunks=5 needs 21 frames"):
+        train_vae(1, config=SMALL, clip_chunks=5)
