@@ -40,7 +40,7 @@ import re
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import BinaryIO
@@ -242,6 +242,33 @@ def _from_diffusers(name: str) -> str:
     return name
 
 
+def wan_tensor_names(names: Iterable[str]) -> dict[str, str]:
+    """{tensor name of a DiT checkpoint: its original Wan name}, for a whole checkpoint's names.
+
+    The prefixes `model.diffusion_model.`, `diffusion_model.` and `transformer.` are dropped; a
+    checkpoint in diffusers' layout (a name with `attn1`, `condition_embedder`, `scale_shift_table`,
+    `ffn.net.` ...) has its names mapped back as LoRA targets are (`blocks.0.attn1.to_q.weight` ->
+    `blocks.0.self_attn.q.weight`, `blocks.0.norm2.weight` -> `blocks.0.norm3.weight`,
+    `scale_shift_table` -> `head.modulation`). The layout is decided for the whole checkpoint, as
+    for a LoRA file: in the original layout `norm2` stays `norm2`.
+    """
+    stripped = {}
+    for name in names:
+        prefix = next((p for p in PREFIXES if p != MUSUBI_PREFIX and name.startswith(p)), "")
+        stripped[name] = name[len(prefix):]
+    if not any(_DIFFUSERS_PART.search(body) for body in stripped.values()):
+        return stripped
+    return {name: _from_diffusers_tensor(body) for name, body in stripped.items()}
+
+
+def _from_diffusers_tensor(name: str) -> str:
+    mapped = _from_diffusers(name)  # a parameter named itself: scale_shift_table
+    if mapped != name:
+        return mapped
+    module, dot, leaf = name.rpartition(".")
+    return f"{_from_diffusers(module)}.{leaf}" if dot else name
+
+
 def _target(name: str, target: str, slot: dict[str, tuple[str, torch.Tensor]],
             metadata_alpha: Callable[[int], float] | None) -> LoraTarget:
     keys = tuple(slot[part][0] for part in _PART_ORDER if part in slot)
@@ -429,6 +456,35 @@ def applied(model: nn.Module, loras: Sequence[tuple[LoraFile, float]]) -> Iterat
     finally:
         for step in reversed(undo):
             step()
+
+
+def dense_deltas(model: nn.Module, loras: Sequence[tuple[LoraFile, float]]) -> dict[str, Callable[[], torch.Tensor]]:
+    """What the LoRAs add to each parameter of `model`, for merging them into the weights.
+
+    {parameter name: a function computing its float32 delta, in the parameter's shape}: for a linear
+    weight the sum of strength x alpha / rank x up @ down over the LoRAs, plus strength x each full
+    `.diff`; for every other parameter (biases, norms, modulation tables, the patch embedding) what
+    `applied` adds to it. Every key is checked as `applied` checks it (a key that matches no layer
+    is a LoraError naming the file and the key). `model` may live on the meta device; a delta is
+    only made when its function is called, so a caller can merge one weight at a time.
+    """
+    plan = _plan(model, loras)
+    names = {module: name for name, module in model.named_modules()}
+    deltas: dict[str, Callable[[], torch.Tensor]] = {}
+    for (owner, attr), delta in plan.parameters.items():
+        deltas[f"{names[owner]}.{attr}" if names[owner] else attr] = functools.partial(torch.Tensor.clone, delta)
+    for module, side_path in plan.side_paths.items():
+        if any(t is not None for t in side_path.master):  # a layer given a bias delta alone has an empty side path
+            deltas[f"{names[module]}.weight"] = functools.partial(_weight_delta, *side_path.master)
+    return deltas
+
+
+def _weight_delta(down: torch.Tensor | None, up: torch.Tensor | None, dense: torch.Tensor | None) -> torch.Tensor:
+    # The side path adds (x @ down^T) @ up^T + x @ dense^T: the weight delta is up @ down + dense.
+    if down is None:
+        return dense.clone()
+    product = up @ down
+    return product if dense is None else product.add_(dense)
 
 
 def _put_back(owner: nn.Module, attr: str, original: nn.Parameter) -> None:

@@ -8,6 +8,7 @@
     reelray render ... --lora lightx2v_distill.safetensors:1.0 --steps 4 --guidance 1 --sampler lcm
     reelray run MANIFEST --model DIR --out OUT [--actors N] [--seeds A-B] [--lora PATH[:STRENGTH]] ...
     reelray status OUT [--manifest M]
+    reelray quantize CHECKPOINT.safetensors OUT.gguf --type Q4_K [--lora PATH[:STRENGTH] ...]
 
 Errors a user can cause (a bad file, a bad manifest, a missing model) print
 one line and exit with status 2; no traceback.
@@ -114,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_param_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("quantize", help="quantize a Wan DiT safetensors checkpoint (original or diffusers names) "
+                                        "into a community-layout GGUF, LoRAs merged first")
+    p.add_argument("checkpoint", help="the DiT checkpoint (.safetensors)")
+    p.add_argument("out", help="the GGUF file to write")
+    p.add_argument("--type", default="Q4_K", help="block weight type: F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, "
+                                                  "Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS (default Q4_K)")
+    p.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA to merge into the weights before quantizing (strength 1.0 when omitted); repeatable")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 
@@ -375,6 +386,27 @@ def cmd_status(args) -> int:
         print(json.dumps(counts, indent=2))
     else:
         print("  ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from engine.lora import read_lora
+    from engine.wan.convert.dit import quantize_checkpoint
+    from jobs.family import parse_lora_ref
+
+    loras = []
+    for ref in args.loras:
+        try:
+            path, strength = parse_lora_ref(ref)
+        except ValueError as exc:
+            raise CLIError(f"--lora {ref}: {exc}") from None
+        loras.append((read_lora(path), strength))
+    tallies = quantize_checkpoint(args.checkpoint, args.out, args.type, loras)
+    print(f"{args.out}: {sum(t.tensors for t in tallies.values())} tensors, block weights {args.type.upper()}"
+          + (f", {len(loras)} LoRA{'s' if len(loras) > 1 else ''} merged" if loras else ""))
+    for name, t in tallies.items():
+        print(f"  {name:7s} {t.tensors:5d} tensors  {t.bytes_in / 1e6:10.1f} MB in  {t.bytes_out / 1e6:10.1f} MB out  "
+              f"{t.seconds:8.2f} s  {t.bytes_in / 1e6 / max(t.seconds, 1e-9):8.1f} MB/s")
     return 0
 
 

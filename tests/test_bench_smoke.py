@@ -75,3 +75,19 @@ def test_a_failing_bench_fails_the_run_and_says_which(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "== gpu: FAILED (exit 1)" in summary and "== lora: FAILED (exit 1)" in summary
     assert "== all: FAILED" in summary
+
+
+def test_quantize_bench_smoke_writes_a_figure_per_type(tmp_path):
+    # bench/quantize.py runs on the CPU (no GPU stage): its own smoke run, tiny tensors, seconds.
+    out = tmp_path / "quantize.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quantize.py"), "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and report["baseline"] == "F16"
+    types = report["types"]
+    assert set(types) == {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                          "Q6_K", "IQ4_NL", "IQ4_XS"}
+    assert types["F16"]["ratio_vs_baseline"] == 1.0 and all(t["mb_per_s"] > 0 for t in types.values())
+    errors = [types[t]["rel_rms_error"] for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16")]
+    assert errors == sorted(errors, reverse=True)

@@ -6,11 +6,13 @@ input always gives the same file. Float arrays are quantized with
 `gguf.quants.quantize` (which can produce F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
 Q5_1); types gguf-py cannot quantize (K-quants, IQ types) are given as
 `uint8` raw blocks, shape `[..., n_blocks_per_row * type_size]`, and written
-as they are.
+as they are. `write_gguf_stream` writes the same layout from tensors made one at a time.
 """
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -158,7 +160,65 @@ def write_gguf(
     widened to INT64/UINT64 only when a value needs it; floats as FLOAT32).
     `general.alignment`, when given, is written as UINT32 and used.
     """
-    path = Path(path)
+    writer = _new_writer(architecture, metadata)
+    for name, (array, qtype) in tensors.items():
+        _add_tensor(writer, name, array, qtype)
+
+    def write() -> None:
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+
+    _write_via_partial(writer, Path(path), write)
+
+
+def write_gguf_stream(
+    path: str | os.PathLike[str],
+    architecture: str,
+    layout: Mapping[str, tuple[Sequence[int], GGMLQuantizationType]],
+    blocks: Iterable[tuple[str, np.ndarray]],
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a GGUF file whose tensors are made one at a time: the same bytes as `write_gguf`.
+
+    `layout` maps name -> (shape, type) for every tensor, in file order, so the
+    header can be written first; `blocks` then yields (name, raw blocks) in that
+    order, each a `uint8` array of the tensor's bytes, and each is written and
+    dropped before the next is asked for. A name out of order, a wrong byte count,
+    a missing or an extra tensor is a ValueError, and no file is left behind.
+    """
+    writer = _new_writer(architecture, metadata)
+    sizes = {}
+    for name, (shape, qtype) in layout.items():
+        qtype = GGMLQuantizationType(qtype)
+        shape = tuple(int(s) for s in shape)
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        if not shape or shape[-1] % block_size:
+            raise ValueError(f"tensor {name!r}: shape {list(shape)} is not whole {qtype.name} blocks of {block_size}")
+        sizes[name] = math.prod(shape) // block_size * type_size
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), sizes[name], raw_dtype=qtype)
+
+    def write() -> None:
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        names = iter(sizes)
+        for name, array in blocks:
+            want = next(names, None)
+            if name != want:
+                raise ValueError(f"tensor {name!r} given where the layout has "
+                                 f"{'no more tensors' if want is None else repr(want)}")
+            array = np.ascontiguousarray(array)
+            if array.dtype != np.uint8 or array.nbytes != sizes[name]:
+                raise ValueError(f"tensor {name!r}: expected {sizes[name]} bytes of raw blocks (uint8), "
+                                 f"got {array.nbytes} bytes of {array.dtype}")
+            writer.write_tensor_data(array)
+        missing = next(names, None)
+        if missing is not None:
+            raise ValueError(f"tensor {missing!r} of the layout was never given")
+
+    _write_via_partial(writer, Path(path), write)
+
+
+def _new_writer(architecture: str, metadata: Mapping[str, Any] | None) -> GGUFWriter:
     writer = GGUFWriter(None, architecture)
     for key, value in (metadata or {}).items():
         if key == Keys.General.ARCHITECTURE:
@@ -169,16 +229,16 @@ def write_gguf(
             writer.add_custom_alignment(int(value))  # raises unless a power of two
             continue
         _add_metadata(writer, key, value)
-    for name, (array, qtype) in tensors.items():
-        _add_tensor(writer, name, array, qtype)
+    return writer
 
-    # Write next to the target and rename, so a crash never leaves a half file
-    # under the real name.
+
+def _write_via_partial(writer: GGUFWriter, path: Path, write: Callable[[], None]) -> None:
+    """Open the file next to `path`, `write()` the rest, rename: a crash never leaves a half file
+    under the real name."""
     tmp = path.with_name(path.name + ".partial")
     try:
         writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        write()
         writer.close()
         os.replace(tmp, path)
     finally:
