@@ -87,6 +87,37 @@ def test_trainable_forward_matches_the_inference_forward():
     assert model.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
 
 
+def test_compact_text_attention_equals_attending_to_the_full_padding():
+    """CompactText: a prompt's 512 - L zero rows attended as the few rows of a compact context with a
+    log-count bias give the model's own forward over the full zero-padded context."""
+    from engine.wan.dit import WanConfig, WanModel
+
+    torch.manual_seed(1)
+    cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=8)
+    model = WanModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # a text embedding whose padding rows matter
+    lengths = torch.tensor([3, 7, 2])
+    width = 9
+    ctx = torch.zeros(3, width, 8)
+    for i, n in enumerate(lengths):
+        ctx[i, :n] = torch.randn(int(n), 8)
+    x, t = torch.randn(3, 16, 2, 4, 4), torch.tensor([100.0, 500.0, 900.0])
+    with torch.no_grad():
+        # The engine's forward: each prompt alone, zero-padded to text_len inside the model.
+        want = torch.cat([model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1, :n]) for i, n in enumerate(lengths)])
+        compact = toy.CompactText(toy.trainable(model))
+        compact.set_lengths(lengths, width)
+        got = model(x, t, ctx)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # Without the log-count bias the 500-odd padding keys weigh as a handful: rejected.
+        compact.bias = torch.zeros_like(compact.bias)
+        assert (model(x, t, ctx) - want).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="shorter"):
+        compact.set_lengths(torch.tensor([9]), width)
+
+
 def test_tokenizer_keeps_every_world_word_whole():
     from engine.wan.tokenizer import Tokenizer
 
@@ -101,8 +132,11 @@ def test_written_model_set_renders(tmp_path, vae_path, trained):
     from engine.render import Engine
 
     (dit, t5, proto), _ = trained
-    toy.write_model_set(tmp_path, dit, 2, t5, proto, vae_path)
-    models = ModelSet.from_dir(tmp_path)
+    from engine.toy.embedded import write_toy_model
+
+    toy.write_checkpoint(tmp_path / "trained", dit, 2, t5, proto, vae_path)
+    write_toy_model(tmp_path / "set", quant="F32", source=tmp_path / "trained")
+    models = ModelSet.from_dir(tmp_path / "set")
     assert models.family == "wan2.1-t2v"
     engine = Engine(models, cpu_threads=1)
     params = engine.spec.defaults()

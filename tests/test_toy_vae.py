@@ -1,8 +1,8 @@
 """Training the toy world's Wan2.1 VAE: it learns, it is seeded, and the engine reads what it writes.
 
 The model trained here is far smaller than the shipped one (base width 4,
-5-frame windows, one clip a step) so the file runs in well under a minute;
-the code path is the same.
+one clip a step, 30 steps) so the file runs in well under a minute; the
+code path is the same.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def one_thread():
 def trained():
     torch.set_num_threads(1)
     lines: list[str] = []
-    state = train_vae(STEPS, seed=0, config=SMALL, batch=1, log=lines.append, log_every=10, clip_chunks=1)
+    state = train_vae(STEPS, seed=0, config=SMALL, batch=1, log=lines.append, log_every=10)
     return state, lines
 
 
@@ -46,12 +46,12 @@ def vae_from(state: dict[str, torch.Tensor], config: WanVAEConfig = SMALL) -> Wa
 
 def test_training_lowers_the_reconstruction_loss(trained):
     state, lines = trained
-    video = training_batch(np.random.default_rng(99), 2, 5)
+    video = training_batch(np.random.default_rng(99), 2, 17)
     losses = []
     for weights in (random_vae_state_dict(vae_file_shapes(SMALL), 0), state):  # train_vae's start, its end
         with torch.no_grad():
-            _, l1 = training_loss(vae_from(weights), video, torch.Generator().manual_seed(0))
-        losses.append(l1.item())
+            _, mse = training_loss(vae_from(weights), video, torch.Generator().manual_seed(0))
+        losses.append(mse.item())
     assert losses[1] < 0.75 * losses[0], losses
     # The curve it printed: one line per 10 steps, then the statistics and the PSNR.
     assert [line.split()[2] for line in lines[:3]] == ["10/30", "20/30", "30/30"]
@@ -59,8 +59,8 @@ def test_training_lowers_the_reconstruction_loss(trained):
 
 
 def test_same_seed_same_weights_bit_for_bit():
-    runs = [train_vae(3, seed=5, config=SMALL, batch=1, log=lambda _: None, clip_chunks=1) for _ in range(2)]
-    other = train_vae(3, seed=6, config=SMALL, batch=1, log=lambda _: None, clip_chunks=1)
+    runs = [train_vae(3, seed=5, config=SMALL, batch=1, log=lambda _: None) for _ in range(2)]
+    other = train_vae(3, seed=6, config=SMALL, batch=1, log=lambda _: None)
     assert list(runs[0]) == list(runs[1]) == list(vae_file_shapes(SMALL))
     assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
     assert not all(torch.equal(runs[0][name], other[name]) for name in runs[0])
@@ -79,10 +79,44 @@ def test_written_file_loads_into_the_engine_and_beats_a_random_vae(trained, tmp_
         latents = model.encode(clip)
         assert latents.shape == (1, 16, 5, 8, 8)
         errors[name] = (model.decode(latents) - clip).square().mean().item()
-    assert errors["toy"] < 0.5 * errors["random"], errors
+    assert errors["toy"] < 0.7 * errors["random"], errors  # measured: 0.13 against 0.27
     # The loader hands back exactly the trained tensors.
     loaded = load_vae(tmp_path / "toy.safetensors", encoder=True).state_dict()
     assert all(torch.equal(loaded[name], state[name]) for name in state)
+
+
+def test_training_batches_are_windows_of_world_clips():
+    full = training_batch(np.random.default_rng(4), 6, 17)
+    assert full.shape == (6, 3, 17, 64, 64) and full.min() >= -1 and full.max() <= 1
+    # Every frame shows a shape: pixels unlike the frame's corner (always background: the shape keeps
+    # a margin). A side of 22-28 px: 240-790 pixels (a triangle is half its box), plus its antialiased rim.
+    shape_pixels = ((full - full[..., :1, :1]).abs().amax(dim=1) > 0.02).sum(dim=(2, 3))
+    assert shape_pixels.min() > 200 and shape_pixels.max() < 900
+    images = training_batch(np.random.default_rng(4), 8, 1)
+    assert images.shape == (8, 3, 1, 64, 64)
+    assert not torch.equal(images[0], images[1])
+
+
+def test_temporal_weights_start_by_coding_each_frame_on_its_own():
+    from engine.toy.train_vae import posterior, start_frames_independent
+
+    model = vae_from(random_vae_state_dict(vae_file_shapes(SMALL), 2))
+    start_frames_independent(model)
+    moving = training_batch(np.random.default_rng(3), 1, 9)
+    still = moving[:, :, -1:].repeat(1, 1, 9, 1, 1)  # the last frame, held
+    with torch.no_grad():
+        mu_moving, _ = posterior(model, moving)
+        mu_still, _ = posterior(model, still)
+        decoded = model._decode_video(mu_moving)
+    # Chunk 2 (frames 5-8) is coded as its last frame, frame 8: the same latent as the held clip's.
+    torch.testing.assert_close(mu_moving[:, :, 2], mu_still[:, :, 2], rtol=1e-4, atol=1e-5)
+    # ... and decoded as 4 copies of one frame; the first chunk (frame 0) stays its own frame.
+    assert (decoded[:, :, 5:9] - decoded[:, :, 8:9]).abs().max() < 1e-4
+    assert (decoded[:, :, 1:5] - decoded[:, :, 8:9]).abs().max() > 1e-3  # frame 4's chunk shows frame 4
+    # A random start does neither.
+    model = vae_from(random_vae_state_dict(vae_file_shapes(SMALL), 2))
+    with torch.no_grad():
+        assert (posterior(model, moving)[0][:, :, 2] - posterior(model, still)[0][:, :, 2]).abs().max() > 1e-3
 
 
 def test_folded_statistics_give_unit_latents_and_leave_reconstruction_unchanged():
@@ -115,5 +149,3 @@ def test_cli_writes_a_file_the_engine_reloads(tmp_path, capsys, monkeypatch):
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="steps and batch"):
         train_vae(0, config=SMALL)
-    with pytest.raises(ValueError, match="clip_chunks=5 needs 21 frames"):
-        train_vae(1, config=SMALL, clip_chunks=5)

@@ -20,6 +20,8 @@ A measurement that cannot be made (no foreground, a shape that does not move,
 a diagonal track) predicts None, which scores as wrong.
 """
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -236,3 +238,81 @@ def accuracy(scores: list[Score]) -> dict[str, float]:
     if not scores:
         raise ValueError("accuracy needs at least one Score")
     return {name: float(np.mean([getattr(score, name) for score in scores])) for name in (*ATTRIBUTES, "all")}
+
+
+# -- scoring a rendered dataset ---------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """One rendered video of an output dataset and how it scored against its own prompt."""
+
+    job_id: str
+    prompt: str
+    seed: int
+    held_out: bool
+    score: Score
+    row: dict
+
+
+def score_output(out: str | Path, frames_of: Callable[[Path], np.ndarray] | None = None) -> list[Scored]:
+    """Score every video of a `reelray run` output directory against the prompt in its own metadata row.
+
+    Reads `OUT/metadata` (the compacted dataset, one Parquet folder) and the
+    MP4 each row's `file_name` names; rows whose prompt is not a toy-world
+    prompt are skipped (ValueError if none is). Scoring each video against
+    its own row's prompt is what catches one job's frames landing under
+    another job's name.
+    """
+    import pyarrow.parquet as pq
+
+    from engine.video import read_mp4
+    from engine.toy.world import parse_prompt
+
+    out = Path(out)
+    frames_of = frames_of or read_mp4
+    rows = pq.read_table(out / "metadata").to_pylist()
+    scored = []
+    for row in rows:
+        try:
+            scene = parse_prompt(row["prompt"])
+        except ValueError:
+            continue
+        score = score_clip(frames_of(out / row["file_name"]), scene)
+        scored.append(Scored(row["job_id"], row["prompt"], int(row["seed"]), scene.held_out, score, row))
+    if not scored:
+        raise ValueError(f"{out}: no video of a toy-world prompt to score ({len(rows)} rows)")
+    return scored
+
+
+def format_accuracy(label: str, scores: Sequence[Score]) -> str:
+    """One line: the label, the count and the accuracy per attribute and for all four together."""
+    acc = accuracy(list(scores))
+    return f"{label:<28s} n={len(scores):<4d} " + "  ".join(f"{name} {100 * value:5.1f}%" for name, value in acc.items())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.toy.adherence",
+                                     description="Score the toy-world videos of a `reelray run` output against their prompts.")
+    parser.add_argument("out", help="the run's output directory")
+    parser.add_argument("--verbose", action="store_true", help="also print one line per video")
+    args = parser.parse_args(argv)
+    scored = score_output(args.out)
+    if args.verbose:
+        for item in scored:
+            wrong = [f"{name}: {item.score.predicted[name]}" for name in ATTRIBUTES if not getattr(item.score, name)]
+            print(f"{'ok   ' if item.score.all else 'MISS '} seed {item.seed:<4d} {item.prompt!r:70s} {'; '.join(wrong)}")
+    print(f"adherence of {len(scored)} videos in {args.out} (read off the pixels, engine/toy/adherence.py):")
+    for label, held in (("seen combinations", False), ("held-out combinations", True)):
+        group = [item.score for item in scored if item.held_out == held]
+        if group:
+            print("  " + format_accuracy(label, group))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
