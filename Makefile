@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.reelray-installed
 
-.PHONY: test test-slow demo bench reliability clean
+.PHONY: test test-slow demo bench reliability toy-model clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,11 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
 
 demo: $(STAMP)
+	# the embedded trained toy-world model: videos that show their prompts, and how well, read off the pixels
 	$(BIN)/reelray make-tiny-model demo-model
-	$(BIN)/reelray inspect demo-model/wan2.1-t2v-tiny-Q8_0.gguf
+	$(BIN)/reelray inspect demo-model/wan2.1-t2v-toy-Q8_0.gguf
 	$(BIN)/reelray run examples/manifest.parquet --model demo-model --out demo-out --actors 2
+	$(BIN)/python -m engine.toy.adherence demo-out --verbose
 	# image to video: the bundled first_frame.png through a tiny Wan2.2 TI2V-5B model set
 	$(BIN)/reelray make-tiny-model demo-model-ti2v --family wan2.2-ti2v-5b
 	$(BIN)/reelray run examples/i2v_manifest.parquet --model demo-model-ti2v --out demo-out-i2v --actors 2
@@ -36,6 +38,20 @@ bench: $(STAMP)
 	$(BIN)/python bench/text_encoder.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/lora.py
+	$(BIN)/python bench/adherence.py
+	$(BIN)/python bench/quality.py
+
+# Retrain the embedded toy-world model (engine/toy/model): seeded, CPU-only, about an hour on 2 cores
+# (VAE ~22 min, its decoder alone ~15 min, DiT ~20 min; the thread counts are the ones the committed
+# files were trained with). Nobody needs to: the trained files are committed and pinned by
+# tests/test_toy_embedded.py.
+toy-model: $(STAMP)
+	mkdir -p build/toy
+	$(BIN)/python -u -m engine.toy.train_vae --threads 2 --steps 2400 --out build/toy/vae-whole.safetensors
+	$(BIN)/python -u -m engine.toy.train_vae --threads 1 --steps 600 --finetune-decoder build/toy/vae-whole.safetensors \
+		--out build/toy/wan_2.1_vae_toy.safetensors
+	$(BIN)/python -u -m engine.toy.train_dit --threads 2 --steps 3000 --vae build/toy/wan_2.1_vae_toy.safetensors \
+		--out engine/toy/model
 
 reliability: $(STAMP)
 	$(BIN)/python bench/reliability.py

@@ -1,6 +1,7 @@
 """Writes the demo manifests and their image.
 
-- examples/manifest.parquet: text to video, a few prompts x 2 seeds (the tiny Wan2.1 T2V model);
+- examples/manifest.parquet: text to video, toy-world prompts x 2 seeds (the embedded trained toy model),
+  four seen in training and two held-out combinations;
 - examples/first_frame.png: a 96x64 picture (a sun over hills), drawn here;
 - examples/i2v_manifest.parquet: image to video from first_frame.png (the tiny Wan2.2 TI2V-5B model);
   the `image` path is relative to the manifest's folder.
@@ -14,11 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+# Toy-world prompts (engine/toy/world.py) the embedded model was trained on, and two combinations it
+# never saw (held out of training: (colour + shape + direction + background) % 10 == 0).
 PROMPTS = [
-    ("fox", "A red fox trots through fresh snow at dawn, cinematic, shallow depth of field."),
-    ("harbor", "Fishing boats rock gently in a small harbor at sunset, gulls circling overhead."),
-    ("city", "Time-lapse of neon city streets in the rain, reflections on wet asphalt."),
-    ("forest", "Sunlight filters through a misty pine forest, slow dolly forward."),
+    ("red-circle", "a red circle moving right on a black background"),
+    ("green-triangle", "a green triangle moving down on a gray background"),
+    ("white-triangle", "a white triangle moving left on a brown background"),
+    ("blue-square", "a blue square moving up on a teal background"),
+    ("held-out-yellow", "a yellow square moving down on a teal background"),
+    ("held-out-purple", "a purple circle moving down on a brown background"),
 ]
 
 

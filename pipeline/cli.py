@@ -71,10 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("make-tiny-model", help="write the embedded tiny model set (real file layouts, fixed seed)")
+    p = sub.add_parser("make-tiny-model", help="write the embedded tiny model set: the trained toy world (Wan2.1 T2V), "
+                                               "or a random one in any family's layout")
     p.add_argument("dir")
-    p.add_argument("--quant", default="Q8_0", help="block weight type: F16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0")
-    p.add_argument("--family", default="wan2.1-t2v", help="the family whose file layout to write (default wan2.1-t2v)")
+    p.add_argument("--quant", default="Q8_0", help="DiT block weight type: any `reelray quantize --type` for the "
+                                                   "trained model; F16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 for a random one")
+    p.add_argument("--family", default=None, help="write a random tiny model set in this family's file layout "
+                                                  "(default: the trained toy-world Wan2.1 T2V set)")
+    p.add_argument("--random", action="store_true", help="the random tiny Wan2.1 T2V set instead of the trained one")
     p.set_defaults(func=cmd_make_tiny_model)
 
     p = sub.add_parser("render", help="render one video in this process")
@@ -248,9 +252,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
+    from engine.gguf.quantize import QuantizeError, quant_type
     from engine.tiny import make_tiny_model
+    from engine.toy.embedded import write_toy_model
 
-    paths = make_tiny_model(args.dir, quant=args.quant, family=args.family)
+    if args.family is None and not args.random:
+        try:  # the trained checkpoint goes through `reelray quantize`'s code: any type it writes
+            paths = write_toy_model(args.dir, quant=quant_type(args.quant).name)
+        except QuantizeError as exc:
+            raise CLIError(f"--quant {args.quant}: {exc}") from None
+    else:
+        paths = make_tiny_model(args.dir, quant=args.quant, family=args.family or "wan2.1-t2v")
     for role, path in paths.items():
         print(f"{role:13s} {path}")
     return 0

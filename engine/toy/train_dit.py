@@ -1,7 +1,7 @@
 """Train a tiny Wan2.1 T2V DiT on the toy world, and write it with its text encoder as a model set.
 
 The DiT is `engine.wan.dit.WanModel` with the original tensor names, small
-(dim 256, 2 heads of 128, 2 blocks by default), trained with Wan's flow-matching
+(dim 256, 2 heads of 128, 4 blocks by default), trained with Wan's flow-matching
 objective on the VAE latents of the world's clips:
 
     x_t = (1 - σ) x0 + σ ε,   t = 1000 σ,   target v = ε - x0,
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from engine.toy.embedded import MODEL_DIR, write_toy_model
 from engine.toy.world import all_scenes, held_out_scenes, phrasings, render_clip, training_scenes
 
-TOY_DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2)  # heads 128 wide, as published; K-quant rows (256) fit
+TOY_DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=4)  # heads 128 wide, as published; K-quant rows (256) fit
 TOY_T5 = dict(dim=64, heads=4, head_dim=16, ffn_dim=128, num_layers=2)
 # Defaults the written DiT carries: a full toy clip (17 frames, 64x64, 16 fps).
 TOY_DEFAULTS = dict(width=64, height=64, frames=17, steps=20, guidance=5.0, shift=3.0, fps=16, sampler="unipc")
@@ -218,12 +218,13 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> floa
 def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DIT["dim"],
               layers: int = TOY_DIT["num_layers"], heads: int = TOY_DIT["num_heads"], batch: int = 16,
               lr: float = 1e-3, clips_per_scene: int = 2, shift: float = TOY_DEFAULTS["shift"],
-              log: Callable[[str], None] = print, log_every: int = 50,
+              log: Callable[[str], None] = print, log_every: int = 50, init: str | Path | None = None,
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bytes]:
     """Train the toy DiT for `steps` AdamW steps; (DiT state dict, umT5 state dict, tokenizer proto).
 
     Seeded throughout: the same arguments on the same torch build and thread count give the same weights.
-    Logs the mean loss of every `log_every` steps.
+    Logs the mean loss of every `log_every` steps. `init`: a DiT checkpoint (write_checkpoint's) to go
+    on training from, instead of the official initialisation (a second run, with a fresh schedule).
     """
     from engine.wan.dit import WanConfig, WanModel
 
@@ -259,6 +260,10 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
         model.head.modulation.normal_(0, dim ** -0.5)
         model.head.head.weight.zero_()
         model.head.head.bias.zero_()
+    if init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(init)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
     log(f"DiT: dim {dim}, {layers} blocks, {heads} heads, {sum(p.numel() for p in model.parameters()):,} "
@@ -362,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--clips-per-scene", type=int, default=3)
+    parser.add_argument("--init", help="go on training from this DiT checkpoint (a previous run's)")
     parser.add_argument("--eval-quant", default="Q8_0", help="DiT type of the model set the evaluation renders with")
     parser.add_argument("--eval", type=int, default=12, help="seen and held-out prompts rendered and scored, each")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -371,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     dit, t5, proto = train_dit(args.vae, args.steps, seed=args.seed, dim=args.dim, layers=args.layers,
-                               heads=args.heads, batch=args.batch, lr=args.lr, clips_per_scene=args.clips_per_scene)
+                               heads=args.heads, batch=args.batch, lr=args.lr, clips_per_scene=args.clips_per_scene,
+                               init=args.init)
     for role, path in write_checkpoint(args.out, dit, args.heads, t5, proto, args.vae).items():
         print(f"wrote {role:13s} {path}")
     model_set = Path(tempfile.mkdtemp(prefix="toy-model-"))
