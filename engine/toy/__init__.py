@@ -1,5 +1,4 @@
 """A synthetic toy world (one shape moving over a plain background) and a pixel-only adherence scorer."""
-from engine.toy.adherence import Score, accuracy, measure, predict, score_clip
 from engine.toy.world import (
     BACKGROUND_RGB,
     BACKGROUNDS,
@@ -24,3 +23,15 @@ __all__ = [
     "Scene", "Score", "accuracy", "all_scenes", "held_out_scenes", "measure", "parse_prompt", "phrasings",
     "predict", "render_clip", "score_clip", "training_scenes",
 ]
+
+_ADHERENCE = ("Score", "accuracy", "measure", "predict", "score_clip")
+
+
+def __getattr__(name: str):
+    # The scorer is imported on first use, not with the package: `python -m engine.toy.adherence OUT`
+    # then runs the module once, as __main__ (runpy warns about a module imported before it runs).
+    if name in _ADHERENCE:
+        from engine.toy import adherence
+
+        return getattr(adherence, name)
+    raise AttributeError(f"module 'engine.toy' has no attribute {name!r}")
