@@ -2,6 +2,7 @@
 variant models, conditioning images."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,15 @@ def write_png(path: Path, flip: bool = False) -> Path:
     pixels = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
     Image.fromarray(np.ascontiguousarray(pixels[:, ::-1]) if flip else pixels).save(path)
     return path
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread for the block, then back to what it was: tiny tensors run faster that way on
+    this shared 2-core machine, and bitwise determinism is per thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -21,6 +21,7 @@ from engine.lora import LoraCache, LoraError, applied, read_lora
 from engine.tiny import QUANTS, random_state_dict
 from engine.wan.convert.dit import write_dit_gguf
 from engine.wan.dit import WanConfig, WanModel, load_dit
+from tests.run_helpers import one_torch_thread
 
 CFG = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32)
 VACE = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=4, in_dim=16, out_dim=16, text_dim=32,
@@ -73,10 +74,8 @@ def run(model: WanModel, cfg: WanConfig = CFG, **extra) -> torch.Tensor:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matrices: one thread is ~50x faster than OpenMP's threads on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from engine.tiny import random_state_dict
 from engine.wan.convert.dit import community_qtype
 from engine.wan.dit import WanConfig, WanModel, load_dit
 from pipeline.cli import main
+from tests.run_helpers import one_torch_thread
 
 Q = GGMLQuantizationType
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
@@ -45,10 +46,8 @@ GAUSSIAN = np.random.default_rng(20250225).standard_normal((64, 1536)).astype(np
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Small tensors on a shared 2-core machine: one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def round_trip(x: np.ndarray, qtype: str) -> np.ndarray:

@@ -16,6 +16,7 @@ from engine.toy.train_vae import (
 from engine.toy.world import Scene, render_clip
 from engine.wan.convert.vae import random_vae_state_dict, vae_file_shapes, write_vae_safetensors
 from engine.wan.vae import WanVAE, WanVAEConfig, load_vae
+from tests.run_helpers import one_torch_thread
 
 SMALL = WanVAEConfig(base_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 STEPS = 30
@@ -24,10 +25,8 @@ STEPS = 30
 @pytest.fixture(autouse=True)
 def one_thread():
     # Bitwise determinism is per thread count; one thread also keeps the shared machine usable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
