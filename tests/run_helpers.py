@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import torch
 
 from engine.model_set import ModelSet
-from pipeline.driver import RunConfig
 
 
 def write_manifest(path: Path, rows: dict) -> Path:
@@ -20,7 +19,10 @@ def write_manifest(path: Path, rows: dict) -> Path:
     return path
 
 
-def run_config(tiny_model, manifest, out, **overrides) -> RunConfig:
+def run_config(tiny_model, manifest, out, **overrides):
+    # Imported here: the CUDA tests import this module on the GPU machine, which has no ray (bench/gpu_check.sh).
+    from pipeline.driver import RunConfig
+
     models = ModelSet.from_dir(tiny_model)
     return RunConfig(
         manifest=str(manifest), out=str(out), model_files=models.paths(), family=models.family, log_every=1e9,

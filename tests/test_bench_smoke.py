@@ -91,3 +91,26 @@ def test_quantize_bench_smoke_writes_a_figure_per_type(tmp_path):
     assert types["F16"]["ratio_vs_baseline"] == 1.0 and all(t["mb_per_s"] > 0 for t in types.values())
     errors = [types[t]["rel_rms_error"] for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "F16")]
     assert errors == sorted(errors, reverse=True)
+
+
+def test_the_cuda_tests_collect_without_ray(tmp_path):
+    """The GPU machine has no ray: gpu_check.sh picks the CUDA tests of files that import neither ray nor
+    pipeline, and they must also not import them through a helper (tests/run_helpers once did)."""
+    listing = subprocess.run(["bash", "-c", f'source <(sed -n "/^cuda_tests()/,/^}}/p" {SCRIPT}); cuda_tests'],
+                             cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert len(listing) >= 6 and all("::" in test for test in listing)
+    fake = tmp_path / "ray"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise ImportError("no ray on the GPU machine")\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *listing],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert f"{len(listing)} tests collected" in proc.stdout
+    # the fake ray does stop an import of it: a test file that needs ray fails to collect
+    needs_ray = tmp_path / "test_needs_ray.py"
+    needs_ray.write_text("import ray\n\n\ndef test_nothing():\n    pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                           str(needs_ray)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "no ray on the GPU machine" in proc.stdout
