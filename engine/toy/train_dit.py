@@ -33,6 +33,7 @@ prompts through `Engine` and prints their adherence.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -49,7 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.toy.embedded import MODEL_DIR, write_toy_model
-from engine.toy.world import all_scenes, held_out_scenes, phrasings, render_clip, training_scenes
+from engine.toy.world import (COLOURS, DIRECTIONS, SHAPES, Scene, all_scenes, held_out_scenes, phrasings, render_clip,
+                              training_scenes)
 
 TOY_DIT = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=4)  # heads 128 wide, as published; K-quant rows (256) fit
 TOY_T5 = dict(dim=64, heads=4, head_dim=16, ffn_dim=128, num_layers=2)
@@ -115,8 +117,31 @@ def text_embeddings(proto: bytes, t5_state: dict[str, torch.Tensor], prompts: Se
     return out
 
 
-def latent_pool(vae_path: str | Path, clips_per_scene: int, seed: int) -> tuple[torch.Tensor, list]:
-    """Normalised VAE latents [N, 16, 5, 8, 8] of `clips_per_scene` random clips of every training scene."""
+def latent_pool(vae_path: str | Path, clips_per_scene: int, seed: int,
+                cache: str | Path | None = None) -> tuple[torch.Tensor, list]:
+    """Normalised VAE latents [N, 16, 5, 8, 8] of `clips_per_scene` random clips of every training scene.
+
+    `cache`: a file that keeps the pool between runs (~3 minutes on 2 cores), reused only when it was
+    made from the same VAE bytes, clips per scene and seed, rewritten otherwise.
+    """
+    import hashlib
+
+    key = dict(vae=hashlib.sha256(Path(vae_path).read_bytes()).hexdigest(), clips_per_scene=clips_per_scene,
+               seed=seed)
+    if cache is not None and Path(cache).exists():
+        saved = torch.load(str(cache), weights_only=True)
+        if saved["key"] == json.dumps(key, sort_keys=True):
+            scenes = training_scenes()
+            return saved["latents"], [scenes[i] for i in saved["scenes"].tolist()]
+    latents, scenes = _encode_pool(vae_path, clips_per_scene, seed)
+    if cache is not None:
+        index = {scene: i for i, scene in enumerate(training_scenes())}
+        torch.save({"key": json.dumps(key, sort_keys=True), "latents": latents,
+                    "scenes": torch.tensor([index[scene] for scene in scenes])}, str(cache))
+    return latents, scenes
+
+
+def _encode_pool(vae_path: str | Path, clips_per_scene: int, seed: int) -> tuple[torch.Tensor, list]:
     from engine.wan.vae import load_vae
 
     vae = load_vae(vae_path, encoder=True)
@@ -199,13 +224,65 @@ class CompactText:
         bias = torch.zeros(len(lengths), 1, 1, width)
         positions = torch.arange(width)
         bias[:, 0, 0] = torch.where(positions[None] >= lengths[:, None], weight[:, None], 0.0)
-        self.bias = bias
+        self.bias = bias.to(self.model.patch_embedding.weight.device)
 
 
 def sample_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """σ of Wan's training: a uniform timestep through the shift map (more weight on high noise for shift > 1)."""
     u = torch.rand(batch, generator=generator)
     return shift * u / (1 + (shift - 1) * u)
+
+
+SWAPS = {"colour": COLOURS, "shape": SHAPES, "direction": DIRECTIONS}
+
+
+def swapped(scene: Scene, attribute: str) -> Scene:
+    """The scene with one attribute changed to the next value of its list (a different, fixed choice)."""
+    names = SWAPS[attribute]
+    return dataclasses.replace(scene, **{attribute: names[(names.index(getattr(scene, attribute)) + 1) % len(names)]})
+
+
+class TextProbe:
+    """Does the DiT read each attribute from the prompt? A fixed batch of pool clips, noise and σ
+    (spread over (0, 1)), and the loss with each clip's own canonical prompt against the loss with
+    one attribute swapped: `gaps()` gives (swapped - own) / own per attribute. A model that ignores
+    a word scores 0 for it (the diagnosis of a model that renders the colour but not the motion)."""
+
+    def __init__(self, latents: torch.Tensor, scenes: Sequence[Scene], embed: Callable[[Scene], torch.Tensor],
+                 count: int = 96, seed: int = 1):
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(latents), generator=generator)[:count]
+        self.x0 = latents[index]
+        self.noise = torch.randn(self.x0.shape, generator=generator).to(latents.device)
+        self.sigma = ((torch.arange(len(index)) + 0.5) / len(index)).to(latents.device)
+        self.scenes = [scenes[i] for i in index.tolist()]
+        self.embed = embed
+
+    def _context(self, scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = [self.embed(scene) for scene in scenes]
+        lengths = torch.tensor([len(e) for e in embeddings])
+        context = torch.zeros(len(scenes), int(lengths.max()) + 1, embeddings[0].shape[1])
+        for i, e in enumerate(embeddings):
+            context[i, : len(e)] = e
+        return context, lengths
+
+    @torch.no_grad()
+    def loss(self, model: torch.nn.Module, compact: "CompactText", scenes: Sequence[Scene]) -> float:
+        context, lengths = self._context(scenes)
+        compact.set_lengths(lengths, context.shape[1])
+        s = self.sigma.view(-1, 1, 1, 1, 1)
+        xt, target = (1 - s) * self.x0 + s * self.noise, self.noise - self.x0
+        v = model(xt, 1000 * self.sigma, context.to(self.x0.device))
+        return F.mse_loss(v, target).item()
+
+    def gaps(self, model: torch.nn.Module, compact: "CompactText") -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        own = self.loss(model, compact, self.scenes)
+        result = {name: self.loss(model, compact, [swapped(scene, name) for scene in self.scenes]) / own - 1
+                  for name in SWAPS}
+        model.train(was_training)
+        return result
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> float:
@@ -219,12 +296,20 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
               layers: int = TOY_DIT["num_layers"], heads: int = TOY_DIT["num_heads"], batch: int = 16,
               lr: float = 1e-3, clips_per_scene: int = 2, shift: float = TOY_DEFAULTS["shift"],
               log: Callable[[str], None] = print, log_every: int = 50, init: str | Path | None = None,
+              device: str = "cpu", pool: str | Path | None = None, probe_every: int = 0,
+              max_seconds: float | None = None, sigma_shift: float | None = None, canonical_only: bool = False,
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bytes]:
     """Train the toy DiT for `steps` AdamW steps; (DiT state dict, umT5 state dict, tokenizer proto).
 
-    Seeded throughout: the same arguments on the same torch build and thread count give the same weights.
-    Logs the mean loss of every `log_every` steps. `init`: a DiT checkpoint (write_checkpoint's) to go
-    on training from, instead of the official initialisation (a second run, with a fresh schedule).
+    Seeded throughout: the same arguments on the same torch build and thread count give the same weights
+    (random numbers are drawn on the CPU whatever `device` trains). Logs the mean loss of every
+    `log_every` steps, and every `probe_every` steps TextProbe's gaps (0: never). `init`: a DiT
+    checkpoint (write_checkpoint's) to go on training from, instead of the official initialisation
+    (a second run, with a fresh schedule). `pool`: latent_pool's cache file. `max_seconds`: fewer steps
+    when the measured speed would not finish in time (decided at step 50, inside the warm-up, so the
+    schedule is the one of the shorter run; the step count then depends on the machine).
+    `sigma_shift`: the shift of the training σ draw (default: `shift`, the render shift).
+    `canonical_only`: train on the canonical phrasing alone.
     """
     from engine.wan.dit import WanConfig, WanModel
 
@@ -233,17 +318,23 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
     start = time.perf_counter()
     proto = train_world_tokenizer()
     t5_state = random_t5_state(proto, seed)
-    latents, scenes = latent_pool(vae_path, clips_per_scene, seed)
-    texts = {scene: i * len(phrasings(scene)) for i, scene in enumerate(training_scenes())}
-    prompts = [text for scene in training_scenes() for text in phrasings(scene)]
+    latents, scenes = latent_pool(vae_path, clips_per_scene, seed, cache=pool)
+    width = 1 if canonical_only else len(phrasings(scenes[0]))
+    texts = {scene: i * width for i, scene in enumerate(training_scenes())}
+    prompts = [text for scene in training_scenes() for text in phrasings(scene)[:width]]
+    canonical = {scene: i for i, scene in enumerate(all_scenes())}
     embeddings = text_embeddings(proto, t5_state, prompts + [negative_prompt()])
-    width = len(phrasings(scenes[0]))
+    probe = None
+    if probe_every:
+        canonical_embeddings = text_embeddings(proto, t5_state, [scene.prompt for scene in all_scenes()])
+        probe = TextProbe(latents.to(device), scenes, lambda scene: canonical_embeddings[canonical[scene]])
     text_dim = embeddings[0].shape[1]
     lengths = torch.tensor([len(e) for e in embeddings])
     context = torch.zeros(len(embeddings), int(lengths.max()) + 1, text_dim)  # zero rows after each prompt
     for i, e in enumerate(embeddings):
         context[i, : len(e)] = e
     uncond = len(embeddings) - 1
+    context = context.to(device)
     first_text = torch.tensor([texts[scene] for scene in scenes])
     log(f"pool: {len(latents)} clips -> latents {list(latents.shape[1:])} (std {latents.std():.3f}), "
         f"{len(prompts)} phrasings, negative prompt {len(embeddings[-1])} tokens; "
@@ -253,7 +344,6 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
     cfg = WanConfig(dim=dim, ffn_dim=2 * dim, num_heads=heads, num_layers=layers, in_dim=16, out_dim=16,
                     text_dim=text_dim)
     model = trainable(WanModel(cfg))
-    compact = CompactText(model)
     with torch.no_grad():  # official init: modulation ~ N(0, 1/dim); a zero head starts at v = 0
         for block in model.blocks:
             block.modulation.normal_(0, dim ** -0.5)
@@ -264,13 +354,18 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(init)))
+    model.to(device)
+    compact = CompactText(model)
+    latents = latents.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
     log(f"DiT: dim {dim}, {layers} blocks, {heads} heads, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters; batch {batch}, lr {lr}, shift {shift}, caption dropout {CAPTION_DROPOUT}")
+        f"parameters; batch {batch}, lr {lr}, shift {sigma_shift or shift}, caption dropout {CAPTION_DROPOUT}, "
+        f"{width} phrasing(s), device {device}")
 
     window, losses = [], []
-    for step in range(steps):
+    step, loop_start = 0, time.perf_counter()
+    while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr)
         index = torch.randint(len(latents), (batch,), generator=generator)
@@ -278,19 +373,21 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
         text = first_text[index] + phrasing
         drop = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
         text = torch.where(drop, torch.full_like(text, uncond), text)
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = sample_sigmas(batch, shift, generator)
+        x0 = latents[index.to(device)]
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        sigma = sample_sigmas(batch, sigma_shift or shift, generator).to(device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt, target = (1 - s) * x0 + s * noise, noise - x0
+        drop, text = drop.to(device), text.to(device)
         # Captioned and caption-dropped samples in two forwards (the same sums: nothing mixes
         # samples), each with its own compact text width: ~11 rows, and the negative prompt's ~350.
         velocities, order = [], []
         for part in (~drop, drop):
             rows = part.nonzero().squeeze(1)
             if len(rows):
-                rows_text = int(lengths[text[rows]].max()) + 1
-                compact.set_lengths(lengths[text[rows]], rows_text)
+                rows_lengths = lengths[text[rows].cpu()]
+                rows_text = int(rows_lengths.max()) + 1
+                compact.set_lengths(rows_lengths, rows_text)
                 velocities.append(model(xt[rows], 1000 * sigma[rows], context[text[rows], :rows_text]))
                 order.append(rows)
         loss = F.mse_loss(torch.cat(velocities), target[torch.cat(order)])
@@ -304,7 +401,17 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
             log(f"step {step + 1:5d}  loss {losses[-1]:.4f}  lr {learning_rate(step, steps, lr):.2e}  "
                 f"{time.perf_counter() - start:.0f} s")
             window = []
-    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        if probe is not None and ((step + 1) % probe_every == 0 or step + 1 == steps):
+            log(f"step {step + 1:5d}  text gaps: " + "  ".join(
+                f"{name} {gap:+.3f}" for name, gap in probe.gaps(model, compact).items()))
+        if max_seconds is not None and step + 1 == 50:
+            rate = (time.perf_counter() - loop_start) / 50
+            fits = 50 + int((max_seconds - (time.perf_counter() - start)) / rate)
+            if fits < steps:
+                log(f"{rate * 1000:.1f} ms/step: {fits} steps fit in {max_seconds:.0f} s (of {steps})")
+                steps = max(fits, 51)
+        step += 1
+    state = {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
     return state, t5_state, proto
 
 
@@ -371,6 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-quant", default="Q8_0", help="DiT type of the model set the evaluation renders with")
     parser.add_argument("--eval", type=int, default=12, help="seen and held-out prompts rendered and scored, each")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="torch device that trains (the recipe is CPU-only; cuda for experiments)")
+    parser.add_argument("--pool", help="cache file for the latent pool (reused when made from the same VAE, clips and seed)")
+    parser.add_argument("--probe-every", type=int, default=500,
+                        help="print how much the loss rises when the prompt's colour, shape or direction is swapped, every N steps (0: never)")
+    parser.add_argument("--max-seconds", type=float, help="train fewer steps if the measured speed would take longer")
+    parser.add_argument("--sigma-shift", type=float, help="shift of the training σ draw (default: the render shift, 3)")
+    parser.add_argument("--canonical-only", action="store_true", help="train on the canonical phrasing alone")
     parser.add_argument("--out", default=str(MODEL_DIR), help="folder for the trained files (default: the package's, engine/toy/model)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -378,7 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dit, t5, proto = train_dit(args.vae, args.steps, seed=args.seed, dim=args.dim, layers=args.layers,
                                heads=args.heads, batch=args.batch, lr=args.lr, clips_per_scene=args.clips_per_scene,
-                               init=args.init)
+                               init=args.init, device=args.device, pool=args.pool, probe_every=args.probe_every,
+                               max_seconds=args.max_seconds, sigma_shift=args.sigma_shift,
+                               canonical_only=args.canonical_only)
     for role, path in write_checkpoint(args.out, dit, args.heads, t5, proto, args.vae).items():
         print(f"wrote {role:13s} {path}")
     model_set = Path(tempfile.mkdtemp(prefix="toy-model-"))
