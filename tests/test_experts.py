@@ -51,6 +51,18 @@ def test_the_swap_placement_renders_the_resident_frames(a14b):
         assert swap.render("a red fox", seed).frames_sha256 == resident.render("a red fox", seed).frames_sha256
 
 
+def test_the_pair_compares_devices_with_their_index(monkeypatch):
+    # A tensor on "cuda" reports "cuda:<current>", and torch.device("cuda") != torch.device("cuda", 0):
+    # the pair keeps the indexed name, or it would see its expert elsewhere at every step and swap.
+    from engine.families.experts import resolved
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolved(torch.device("cuda")) == torch.device("cuda", 1)
+    assert resolved(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert resolved(torch.device("cpu")) == torch.device("cpu")
+    assert torch.device("cuda") != torch.device("cuda", 1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the swap moves an expert off the GPU")
 def test_the_swap_moves_each_expert_once_per_job_on_cuda(a14b):
     engine = Engine(a14b, device="cuda", dtype=torch.float32, placement="swap")

@@ -48,7 +48,7 @@ class ExpertPair:
             reason = f"asked for {mode}"
         if mode not in ("resident", "swap"):
             raise ValueError(f"expert placement must be 'resident' or 'swap', got {mode!r}")
-        self.device = device
+        self.device = resolved(device)
         self.offload = torch.device("cpu")
         self.placement = {"mode": mode, "reason": reason, "swaps": 0, "swap_s": 0.0}
         low_device = device if mode == "resident" else self.offload
@@ -68,6 +68,16 @@ class ExpertPair:
             self.placement["swaps"] += 1
             self.placement["swap_s"] += time.perf_counter() - start
         return model
+
+
+def resolved(device: torch.device) -> torch.device:
+    """`device` with its index: "cuda" names the current CUDA device, and a tensor moved there reports
+    "cuda:0" (say), which does not compare equal to "cuda". Without the index every `use()` saw the
+    expert as elsewhere and swapped both experts at every step (found on the first GPU run)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
