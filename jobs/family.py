@@ -92,6 +92,15 @@ class InputSpec:
         return _WHAT[self.kind]
 
 
+class ParamConflict(ValueError):
+    """Parameter values fine alone that disagree (steps and step_list; a width without a height);
+    `field` is the parameter the message leads with."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """A family's declaration: render parameters (with defaults and bounds) and inputs."""
@@ -104,6 +113,9 @@ class FamilySpec:
     # The LoRA inputs, one per DiT the family runs ("loras"; "loras_high" and "loras_low" for an
     # expert pair): each becomes an optional "loras" input of that name.
     lora_slots: tuple[str, ...] = DEFAULT_LORA_SLOTS
+    # Width and height 0 mean "by the family's rule" (from the conditioning image's aspect): a job
+    # gives both or neither, which params() checks (so a manifest row says so before any render).
+    paired_size: bool = False
     _by_name: dict[str, ParamSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -205,8 +217,13 @@ class FamilySpec:
         step_list = values.get("step_list")
         if step_list is not None and "steps" in values:
             if "steps" in changes and values["steps"] != len(step_list):
-                raise ValueError(f"steps {values['steps']} disagrees with step_list of {len(step_list)} entries")
+                raise ParamConflict("step_list", f"steps {values['steps']} disagrees with step_list of "
+                                                 f"{len(step_list)} entries")
             values["steps"] = len(step_list)
+        if self.paired_size and bool(values.get("width")) != bool(values.get("height")):
+            raise ParamConflict("width" if "width" in changes else "height",
+                                f"width {values.get('width')}, height {values.get('height')}: give both, or neither "
+                                f"(0: the {self.title} family's size from the image)")
         return RenderParams(values)
 
     def with_defaults(self, defaults: Mapping[str, Any]) -> "FamilySpec":

@@ -272,8 +272,8 @@ class RowParser:
             if not errors:
                 try:
                     params = self._params_for(tuple(overrides))
-                except ValueError as exc:  # values fine alone that disagree: steps and step_list
-                    errors.append(RowError(row, "step_list", str(exc)))
+                except ValueError as exc:  # values fine alone that disagree (ParamConflict): steps and step_list, width alone
+                    errors.append(RowError(row, getattr(exc, "field", "params"), str(exc)))
             if errors:
                 out.append(errors)
             else:

@@ -18,6 +18,7 @@ from PIL import Image
 from engine.families import FAMILIES, foreign_names, get_family
 from engine.model_set import ModelSet, ModelSetError
 from engine.tiny import make_tiny_model
+from jobs.params import RenderParams
 from pipeline.driver import read_jobs
 
 
@@ -171,8 +172,14 @@ def test_image_families_size_the_video_from_the_image_unless_the_job_gives_one()
     # official rule: the image's aspect at 1280x720's area, sides multiples of 16
     assert wan22_i2v_a14b.output_size(i2v.defaults(), 600, 1000) == (736, 1232)
     assert wan22_i2v_a14b.output_size(i2v.params(width=640, height=352), 600, 1000) == (352, 640)
-    with pytest.raises(RenderError, match="give both, or neither"):
-        wan22_i2v_a14b.output_size(i2v.params(width=640), 600, 1000)
+    with pytest.raises(ValueError, match=r"width 640, height 0: give both, or neither \(0: the Wan2.2 I2V-A14B"):
+        i2v.params(width=640)  # the family's params refuse it (a manifest row error, before any render)
+    with pytest.raises(RenderError, match="give both, or neither"):  # and the render still would
+        wan22_i2v_a14b.output_size(RenderParams({**i2v.defaults(), "width": 640}), 600, 1000)
+    for name in ("wan2.1-i2v", "wan2.2-ti2v-5b"):
+        with pytest.raises(ValueError, match="give both, or neither"):
+            get_family(name).spec.params(height=320)
+    assert get_family("wan2.1-t2v").spec.params(width=320).height == 480  # a text family has a default height
     ti2v = get_family("wan2.2-ti2v-5b").spec
     assert wan22_ti2v_5b.output_size(ti2v.defaults(), None) == (704, 1280)  # text to video
     assert wan22_ti2v_5b.output_size(ti2v.defaults(), (600, 1000)) == (736, 1216)  # best_output_size at 1280x704

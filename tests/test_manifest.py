@@ -512,6 +512,16 @@ def test_family_parameters_override_per_row_and_enter_the_id(tmp_path):
         assert j.job_id == job_id(MODEL, j.prompt, j.negative_prompt, j.seed, j.params, "wan2.2-t2v-a14b")
 
 
+def test_an_image_family_row_with_only_one_of_width_and_height_is_a_row_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"image A")
+    src = write(tmp_path / "m.parquet", {"prompt": ["a", "b", "c"], "image": ["a.png"] * 3,
+                                         "width": pa.array([640, None, 640]), "height": pa.array([None, None, 352])})
+    jobs, errors = read_family(src, I2V)
+    assert [j.row for j in jobs] == [1, 2] and [(j.params.width, j.params.height) for j in jobs] == [(0, 0), (640, 352)]
+    assert [(e.row, e.field) for e in errors] == [(0, "width")]
+    assert "width 640, height 0: give both, or neither" in str(errors[0]) and "\n" not in str(errors[0])
+
+
 def test_another_familys_parameter_or_input_is_a_row_error_not_passthrough(tmp_path):
     src = write(tmp_path / "m.parquet", {"prompt": ["a", "b", "c"], "boundary": pa.array([None, 0.9, None]),
                                          "image": pa.array([None, None, "x.png"])})

@@ -48,6 +48,7 @@ SPEC = FamilySpec(
     ),
     inputs=(InputSpec("image", "image", required=True, help="the first frame: PNG, JPEG or WebP"),),
     negative_prompt="镜头晃动，" + DEFAULT_NEGATIVE_PROMPT,  # official wan_i2v_14B.sample_neg_prompt
+    paired_size=True,
 )
 
 VAE_STRIDE = (4, 8, 8)

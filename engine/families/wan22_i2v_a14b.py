@@ -48,6 +48,7 @@ SPEC = FamilySpec(
         step_list_param(),
     ),
     inputs=(InputSpec("image", "image", required=True, help="the first frame: PNG, JPEG or WebP"),),
+    paired_size=True,
 )
 
 

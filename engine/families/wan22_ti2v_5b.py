@@ -43,6 +43,7 @@ SPEC = FamilySpec(
         step_list_param(),
     ),
     inputs=(InputSpec("image", "image", required=False, help="optional first frame: PNG, JPEG or WebP"),),
+    paired_size=True,
 )
 
 
