@@ -133,16 +133,24 @@ class Engine:
         return {"loras": self.pipeline.dit}
 
     @contextlib.contextmanager
-    def applied_loras(self, loras: Mapping[str, Sequence[tuple[str, float]]]) -> Iterator[None]:
+    def applied_loras(self, loras: Mapping[str, Sequence[tuple[str, float]]],
+                      digests: Mapping[str, Sequence] | None = None) -> Iterator[None]:
         """The job's LoRAs ({LoRA input: [(path, strength)]}) on their DiTs while the job denoises, as a
-        side path beside each layer (weights untouched; the model is exactly as before afterwards)."""
+        side path beside each layer (weights untouched; the model is exactly as before afterwards).
+
+        `digests` ({LoRA input: [(sha256, strength)]}, a job's `input_digests()`): each file is then
+        cached by its content and checked against it, so a file replaced under the same path during a
+        run is never served from the cache as the old one, nor read as the job's."""
         from engine.lora import LoraError, applied
 
         targets = self.lora_targets()
         with contextlib.ExitStack() as stack:
             for name, refs in loras.items():
+                shas = [entry[0] for entry in (digests or {}).get(name) or [(None,)] * len(refs)]
+                if len(shas) != len(refs):
+                    raise RenderError(f"input {name}: {len(refs)} LoRAs but {len(shas)} digests")
                 try:
-                    files = [(self.loras.get(path), strength) for path, strength in refs]
+                    files = [(self.loras.get(path, sha), strength) for (path, strength), sha in zip(refs, shas)]
                     stack.enter_context(applied(targets[name], files))
                 except LoraError as exc:
                     raise RenderError(str(exc)) from None
@@ -177,10 +185,12 @@ class Engine:
         negative_prompt: str | None = None,
         inputs: Mapping[str, str | Sequence[str]] | None = None,
         progress: ProgressFn | None = None,
+        digests: Mapping[str, Sequence] | None = None,
     ) -> RenderResult:
         """One job: `inputs` maps the family's input names to local paths or URIs ("image",
         "control_video"), or to a list of them for a list input ("reference_images"; one string
-        is a one-element list, an empty list none)."""
+        is a one-element list, an empty list none). `digests`: the job's input digests
+        (`RenderJob.input_digests()`); the LoRA files are checked against theirs (applied_loras)."""
         if params is None:
             params = self.spec.defaults()
         else:  # checked again here: a RenderParams built by hand bypasses its family's bounds
@@ -210,7 +220,7 @@ class Engine:
 
         start = time.perf_counter()
         loras = {name: inputs.pop(name) for name in list(inputs) if self.spec.input_spec(name).kind == "loras"}
-        with self.applied_loras(loras):
+        with self.applied_loras(loras, digests):
             timings["lora_s"] = time.perf_counter() - start
             start = time.perf_counter()
             latents = self.pipeline.denoise(cond, uncond, seed, params, inputs, progress)

@@ -85,7 +85,8 @@ class RenderActor:
                 started = datetime.now(timezone.utc)
                 t0 = time.perf_counter()
                 inputs = job.input_uris()  # {name: uri, or [uri, ...] for a list input}
-                result = self.engine.render(job.prompt, job.seed, job.params, job.negative_prompt, inputs)
+                result = self.engine.render(job.prompt, job.seed, job.params, job.negative_prompt, inputs,
+                                            digests=job.input_digests())
                 t1 = time.perf_counter()
             finally:
                 self._next_turn()

@@ -172,6 +172,36 @@ def test_interleaved_lora_sets_on_one_actor_render_what_a_fresh_engine_renders(r
         assert fresh.render(row["prompt"], int(row["seed"]), inputs=inputs).frames_sha256 == row["frames_sha256"]
 
 
+def test_a_lora_file_replaced_under_its_path_is_read_again_and_checked(tiny_model, loras, tmp_path):
+    """The actor passes each job's LoRA digests: the cache is keyed by content, so a file overwritten
+    during a run is never served as its old bytes under the new job's name (nor the reverse)."""
+    import shutil
+
+    from engine.families.base import RenderError
+    from engine.model_set import ModelSet
+    from engine.render import Engine
+
+    models = ModelSet.from_dir(tiny_model)
+    engine = Engine(models)
+    path = tmp_path / "style.safetensors"
+    shutil.copyfile(loras["x"], path)
+    first = engine.render("a fox", 1, inputs={"loras": [str(path)]}, digests={"loras": [[sha(loras["x"]), 1.0]]})
+    shutil.copyfile(loras["y"], path)  # replaced while the actor lives
+    second = engine.render("a fox", 1, inputs={"loras": [str(path)]}, digests={"loras": [[sha(loras["y"]), 1.0]]})
+    assert second.frames_sha256 == Engine(models).render("a fox", 1, inputs={"loras": [str(loras["y"])]}).frames_sha256
+    assert second.frames_sha256 != first.frames_sha256
+    # keyed by the path alone (no digests), the cache would have served x's bytes for y's job: what
+    # the digests fix (the deliberate mistake, shown)
+    stale = Engine(models)
+    shutil.copyfile(loras["x"], path)
+    stale.render("a fox", 1, inputs={"loras": [str(path)]})
+    shutil.copyfile(loras["y"], path)
+    assert stale.render("a fox", 1, inputs={"loras": [str(path)]}).frames_sha256 == first.frames_sha256
+    # a job that named bytes the file no longer has fails, naming the file
+    with pytest.raises(RenderError, match=r"style.safetensors: its bytes have sha256 .* \(the file changed since"):
+        Engine(models).render("a fox", 1, inputs={"loras": [str(path)]}, digests={"loras": [[sha(loras["x"]), 1.0]]})
+
+
 def test_render_and_run_flags(tiny_model, loras, tmp_path, capsys):
     from engine.model_set import ModelSet
     from engine.render import Engine
