@@ -127,6 +127,16 @@ def text_embeddings(proto: bytes, t5_state: dict[str, torch.Tensor], prompts: Se
     return out
 
 
+def padded_context(embeddings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embeddings stacked as [N, longest + 1, dim], zero rows after each (CompactText's layout:
+    at least one zero row stands for the padding), and their lengths."""
+    lengths = torch.tensor([len(e) for e in embeddings])
+    context = torch.zeros(len(embeddings), int(lengths.max()) + 1, embeddings[0].shape[1])
+    for i, e in enumerate(embeddings):
+        context[i, : len(e)] = e
+    return context, lengths
+
+
 def latent_pool(vae_path: str | Path, clips_per_scene: int, seed: int,
                 cache: str | Path | None = None) -> tuple[torch.Tensor, list]:
     """Normalised VAE latents [N, 16, 5, 8, 8] of `clips_per_scene` random clips of every training scene.
@@ -268,17 +278,9 @@ class TextProbe:
         self.scenes = [scenes[i] for i in index.tolist()]
         self.embed = embed
 
-    def _context(self, scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeddings = [self.embed(scene) for scene in scenes]
-        lengths = torch.tensor([len(e) for e in embeddings])
-        context = torch.zeros(len(scenes), int(lengths.max()) + 1, embeddings[0].shape[1])
-        for i, e in enumerate(embeddings):
-            context[i, : len(e)] = e
-        return context, lengths
-
     @torch.no_grad()
     def loss(self, model: torch.nn.Module, compact: "CompactText", scenes: Sequence[Scene]) -> float:
-        context, lengths = self._context(scenes)
+        context, lengths = padded_context([self.embed(scene) for scene in scenes])
         compact.set_lengths(lengths, context.shape[1])
         s = self.sigma.view(-1, 1, 1, 1, 1)
         xt, target = (1 - s) * self.x0 + s * self.noise, self.noise - self.x0
@@ -339,10 +341,7 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
         canonical_embeddings = text_embeddings(proto, t5_state, [scene.prompt for scene in all_scenes()])
         probe = TextProbe(latents.to(device), scenes, lambda scene: canonical_embeddings[canonical[scene]])
     text_dim = embeddings[0].shape[1]
-    lengths = torch.tensor([len(e) for e in embeddings])
-    context = torch.zeros(len(embeddings), int(lengths.max()) + 1, text_dim)  # zero rows after each prompt
-    for i, e in enumerate(embeddings):
-        context[i, : len(e)] = e
+    context, lengths = padded_context(embeddings)
     uncond = len(embeddings) - 1
     context = context.to(device)
     first_text = torch.tensor([texts[scene] for scene in scenes])
