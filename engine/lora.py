@@ -139,7 +139,7 @@ class LoraFile:
     path: str
     targets: Mapping[str, LoraTarget] = field(repr=False)
     layout: str  # "comfy", "peft", "musubi", "diffusers" or "diff" (full deltas only), for messages
-    sha256: str  # of the file's bytes
+    sha256: str  # of the file's bytes ('' when read from the header alone, read_lora_header)
     nbytes: int  # of the tensors, for the cache
 
 
@@ -180,6 +180,80 @@ def _parse(name: str, data: bytes) -> LoraFile:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError (an Exception) for any bad header
         raise LoraError(f"{name}: not a safetensors file ({_first_line(exc)})") from None
+    return _from_tensors(name, tensors, data, hashlib.sha256(data).hexdigest(),
+                         sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+# safetensors' dtype names -> torch's (those a LoRA file may hold; the integer ones are refused later).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_lora_header(path: str | os.PathLike) -> LoraFile:
+    """A LoRA file as `read_lora` parses it, from its safetensors header alone: every tensor on the
+    meta device (shapes and dtypes, no weights read) except the alpha scalars, read from the file.
+
+    For checking a file against a model before anything renders (`check_lora`); the same LoraError
+    as `read_lora` for whatever the header shows (no LoRA keys, unknown keys, a lone lora_down, a
+    rank mismatch ...). Its `sha256` is empty: the bytes are not read.
+    """
+    import pyarrow as pa
+
+    from jobs.inputs import InputError, find_input
+
+    name = os.fspath(path)
+    try:
+        file = find_input(name)
+        with file.fs.open_input_file(file.path) as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= size <= min(file.size - 8, 256 << 20):
+                raise LoraError(f"{name}: not a safetensors file (no valid header)")
+            raw = f.read(size)
+            header = json.loads(raw)
+            if not isinstance(header, dict):
+                raise LoraError(f"{name}: not a safetensors file (its header is not a JSON object)")
+            header.pop("__metadata__", None)
+            tensors = {}
+            for key, entry in header.items():
+                try:
+                    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+                    shape = [int(d) for d in entry["shape"]]
+                    start, end = (int(o) for o in entry["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise LoraError(f"{name}: not a safetensors file ({key!r} has no valid dtype, shape and "
+                                    f"data_offsets in the header)") from None
+                count = math.prod(shape)
+                if min(shape, default=0) < 0 or end - start != count * dtype.itemsize or end > file.size - 8 - size:
+                    raise LoraError(f"{name}: not a safetensors file ({key!r}: its data_offsets do not hold "
+                                    f"{shape} {entry['dtype']} values inside the file)")
+                if key.endswith(".alpha") and count == 1:  # the one value a check needs
+                    value = f.read_at(end - start, 8 + size + start)
+                    tensors[key] = torch.frombuffer(bytearray(value), dtype=dtype).reshape(shape).clone()
+                else:
+                    tensors[key] = torch.empty(shape, dtype=dtype, device="meta")
+    except InputError as exc:
+        raise LoraError(f"LoRA {_first_line(exc)}") from None
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        if isinstance(exc, LoraError):
+            raise
+        raise LoraError(f"{name}: not a safetensors file ({_first_line(exc)})") from None
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return _from_tensors(name, tensors, head + raw, "", nbytes)
+
+
+def check_lora(model: nn.Module, lora: LoraFile) -> None:
+    """LoraError naming the file and a key unless every key of `lora` fits a layer of `model`, as
+    `applied` checks it (`model` may live on the meta device, `lora` come from `read_lora_header`)."""
+    _plan(model, [(lora, 0.0)])  # strength 0: checked, nothing computed
+
+
+def _from_tensors(name: str, tensors: dict[str, torch.Tensor], data: bytes, sha256: str, nbytes: int) -> LoraFile:
+    """`data`: the file's bytes, or at least its 8-byte length and header (for the metadata alpha)."""
     if not tensors:
         raise LoraError(f"{name}: no LoRA keys (the file holds no tensors)")
     tensors = {key: tensors[key] for key in sorted(tensors)}  # safetensors gives no fixed order: messages need one
@@ -218,11 +292,7 @@ def _parse(name: str, data: bytes) -> LoraFile:
     pairs = [key for key in tensors if key.endswith((".lora_A.weight", ".lora_B.weight"))]
     layout = ("musubi" if musubi else "diffusers" if diffusers else "peft" if pairs
               else "comfy" if any(t.down is not None for t in targets.values()) else "diff")
-    return LoraFile(
-        path=name, targets=MappingProxyType(targets), layout=layout,
-        sha256=hashlib.sha256(data).hexdigest(),
-        nbytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-    )
+    return LoraFile(path=name, targets=MappingProxyType(targets), layout=layout, sha256=sha256, nbytes=nbytes)
 
 
 def _strip(key: str) -> tuple[str, bool]:

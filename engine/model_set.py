@@ -19,11 +19,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.families import FAMILIES, get_family
 from engine.families.base import DitFile, ModelSetError, VaeFile, expert_from_name
 from jobs.family import FamilySpec
 from jobs.identity import model_digest
+
+if TYPE_CHECKING:
+    from engine.wan.dit import WanConfig
 
 # Metadata key under which a DiT GGUF may carry its own render defaults
 # (the embedded tiny models do; the community files do not).
@@ -128,6 +132,11 @@ class ModelSet:
     def digest(self) -> str:
         """sha256 over the content digests of the files: the model part of a job's identity."""
         return model_digest(self.paths())
+
+    def dit_configs(self) -> dict[str, WanConfig]:
+        """{DiT role: its WanConfig}, from the files' headers (what `WanModel(config)` builds, on the meta
+        device for checks that need the module tree and no weights: a LoRA against the model)."""
+        return {role: _dit_file(self.files[role], None).config for role in DIT_ROLES if role in self.files}
 
     def check_fit(self) -> None:
         """Refuse, from the files' headers alone (no weights read), a set whose parts do not fit together.

@@ -11,11 +11,13 @@ loses nothing that was committed, and the same command resumes.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -272,8 +274,10 @@ def read_jobs(manifest: str, model_files: dict[str, str], family: str | None, se
             spec = spec.with_defaults(spec.params(**params))
         except ValueError as exc:
             raise ValueError(f"run parameters: {exc}") from None
+    fits = lora_fit_check(models)
     jobs, errors, n_rows = load_jobs(manifest, model_digest=digest, family=spec, seeds=seeds, foreign=foreign,
-                                     digest=digest_and_probe, input_defaults=defaults)
+                                     digest=functools.partial(digest_and_probe, check_lora=fits),
+                                     input_defaults=defaults)
     return jobs, errors, n_rows, models, digest
 
 
@@ -313,10 +317,46 @@ def probe_lora(uri: str) -> None:
                          f"or .diff keys among its {len(header) - ('__metadata__' in header)} tensors)")
 
 
-def digest_and_probe(files: Mapping[str, FileKind]) -> dict[str, str | InputError]:
+def lora_fit_check(models) -> Callable[[str], None]:
+    """A check that a LoRA file fits the model set's DiT(s), from headers alone: every key names a
+    layer of the model, in its shape (as `engine.lora.applied` checks at render). The DiTs are built
+    on the meta device, no weights read. A LoRA made for another model (a 14B LoRA on the 1.3B, a
+    Wan2.2 5B one on Wan2.1) is then its rows' error at load, not every job's failure after the
+    model is up."""
+    import torch
+
+    from engine.lora import LoraError, check_lora, read_lora_header
+    from engine.wan.dit import WanModel
+
+    @functools.cache  # built on the first LoRA: a run without one pays nothing
+    def dits() -> dict[str, torch.nn.Module]:
+        with torch.device("meta"):
+            return {role: WanModel(config) for role, config in models.dit_configs().items()}
+
+    lock = threading.Lock()
+
+    def check(uri: str) -> None:
+        try:
+            lora = read_lora_header(uri)
+        except LoraError as exc:
+            raise InputError(str(exc)) from None
+        with lock:  # digest_inputs checks files from several threads
+            built = dits()
+        for role, model in built.items():
+            try:
+                check_lora(model, lora)
+            except LoraError as exc:
+                raise InputError(f"{exc} (the DiT {models.files[role].name})") from None
+
+    return check
+
+
+def digest_and_probe(files: Mapping[str, FileKind],
+                     check_lora: Callable[[str], None] | None = None) -> dict[str, str | InputError]:
     """Input digests ({uri: kind} in), each file's header checked on the way by its kind (an image's
-    with `probe_image`, a video's with `probe_video`): a file that is not what its column says is
-    its rows' error before anything renders."""
+    with `probe_image`, a video's with `probe_video`, a LoRA's with `probe_lora` and, given,
+    `check_lora`: `lora_fit_check`'s): a file that is not what its column says, or a LoRA that
+    does not fit the model, is its rows' error before anything renders."""
     from engine.image import probe_image
     from jobs.inputs import digest_inputs
 
@@ -329,6 +369,8 @@ def digest_and_probe(files: Mapping[str, FileKind]) -> dict[str, str | InputErro
             probe_image(uri)
         elif kind == "lora":
             probe_lora(uri)
+            if check_lora is not None:
+                check_lora(uri)
         else:
             probe_video(uri)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from engine.gguf.linear import QuantizedLinear
-from engine.lora import LoraCache, LoraError, applied, read_lora
+from engine.lora import LoraCache, LoraError, applied, check_lora, read_lora, read_lora_header
 from engine.tiny import QUANTS, random_state_dict
 from engine.wan.convert.dit import write_dit_gguf
 from engine.wan.dit import WanConfig, WanModel, load_dit
@@ -681,6 +681,9 @@ def test_keys_that_match_no_layer_are_counted_and_named(base_state, tmp_path):
     assert message.endswith("x.safetensors: 4 keys match no layer of this model, "
                             "e.g. 'blocks.99.self_attn.q.lora_down.weight'")
     assert "\n" not in message
+    with pytest.raises(LoraError) as from_header:  # the driver's check: the header on a meta-device model
+        check_lora(meta_model(CFG), read_lora_header(tmp_path / "x.safetensors"))
+    assert str(from_header.value) == message
     assert all(torch.equal(v, before[k]) for k, v in state_of(model).items())
     assert all(not m._forward_hooks for m in model.modules())
     # A VACE-only or I2V-only layer on a T2V model, a musubi name that is no layer, a norm without weights.
@@ -715,6 +718,8 @@ def test_a_shape_that_does_not_fit_names_the_key_and_both_shapes(base_state, tmp
         with pytest.raises(LoraError, match=rf"s\.safetensors: '{re.escape(key)}' has shape {shapes}"):
             with applied(model, [(lora, 1.0)]):
                 pass
+        with pytest.raises(LoraError, match=rf"s\.safetensors: '{re.escape(key)}' has shape {shapes}"):
+            check_lora(meta_model(CFG), read_lora_header(tmp_path / "s.safetensors"))
 
 
 def test_unreadable_or_incomplete_files_are_refused_in_one_line(tmp_path):
@@ -741,17 +746,61 @@ def test_unreadable_or_incomplete_files_are_refused_in_one_line(tmp_path):
                               r"'head\.head\.diff_b' and 'diffusion_model\.head\.head\.diff_b' "
                               r"both give the diff_b of 'head\.head'"),
     }
-    for name, (tensors, message) in cases.items():
-        with pytest.raises(LoraError, match=rf"^{re.escape(str(tmp_path / name))}: {message}") as err:
-            read_lora(write(tmp_path / name, tensors))
-        assert "\n" not in str(err.value)
-    (tmp_path / "lora.ckpt").write_bytes(b"PK\x03\x04 a pickled torch file")
-    with pytest.raises(LoraError, match=r"lora\.ckpt: not a safetensors file \(.+\)$"):
-        read_lora(tmp_path / "lora.ckpt")
-    with pytest.raises(LoraError, match=r"missing\.safetensors: no such file"):
-        read_lora(tmp_path / "missing.safetensors")
-    with pytest.raises(LoraError, match=r"nothing\.safetensors: no LoRA keys \(the file holds no tensors\)"):
-        read_lora(write(tmp_path / "nothing.safetensors", {}))
+    for reader in (read_lora, read_lora_header):  # the header alone shows each of these
+        for name, (tensors, message) in cases.items():
+            with pytest.raises(LoraError, match=rf"^{re.escape(str(tmp_path / name))}: {message}") as err:
+                reader(write(tmp_path / name, tensors))
+            assert "\n" not in str(err.value)
+        (tmp_path / "lora.ckpt").write_bytes(b"PK\x03\x04 a pickled torch file")
+        with pytest.raises(LoraError, match=r"lora\.ckpt: not a safetensors file \(.+\)$"):
+            reader(tmp_path / "lora.ckpt")
+        with pytest.raises(LoraError, match=r"missing\.safetensors: no such file"):
+            reader(tmp_path / "missing.safetensors")
+        with pytest.raises(LoraError, match=r"nothing\.safetensors: no LoRA keys \(the file holds no tensors\)"):
+            reader(write(tmp_path / "nothing.safetensors", {}))
+    # A header whose offsets run past the end of the file (a truncated download).
+    whole = write(tmp_path / "whole.safetensors", comfy(lowrank_spec(CFG, 93, 2.0, targets=["head.head"])))
+    (tmp_path / "cut.safetensors").write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(LoraError, match=r"cut\.safetensors: not a safetensors file \('diffusion_model\.head\.head\."
+                                        r"lora_(down|up)\.weight': its data_offsets do not hold \[\d+, \d+\] F32 values "
+                                        r"inside the file\)$"):
+        read_lora_header(tmp_path / "cut.safetensors")
+
+
+def meta_model(cfg: WanConfig) -> WanModel:
+    with torch.device("meta"):
+        return WanModel(cfg)
+
+
+def test_the_header_reader_sees_what_the_full_reader_sees(base_state, tmp_path):
+    """read_lora_header (the driver's check, no weights read) gives the targets, key names, shapes,
+    dtypes, alphas and layout read_lora gives, for every layout, the full deltas and diffusers'
+    lora_alpha metadata; the files fit a meta-device model of their config, and a model of another
+    width refuses them."""
+    spec = lowrank_spec(CFG, 94, alpha=2.0)
+    no_alpha = {t: {**p, "alpha": None} for t, p in spec.items()}
+    files = {"comfy": (comfy(spec), None), "peft": (comfy(no_alpha, down="lora_A", up="lora_B"), None),
+             "musubi": (musubi(spec), None), "diff_m": (diff_m_layout(diff_spec(CFG, 95)), None),
+             "diffusers": (diffusers_layout(no_alpha),
+                           {"lora_adapter_metadata": '{"r": 4, "lora_alpha": 8, "lora_bias": true}'}),
+             "half": ({k: v.half() for k, v in comfy(spec).items()}, None)}
+    wider = WanConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32)
+    for name, (tensors, metadata) in files.items():
+        path = write(tmp_path / f"{name}.safetensors", tensors, metadata)
+        full, header = read_lora(path), read_lora_header(path)
+        assert header.layout == full.layout and list(header.targets) == list(full.targets), name
+        for target, parts in full.targets.items():
+            seen = header.targets[target]
+            assert seen.keys == parts.keys and seen.alpha == parts.alpha and seen.scale == parts.scale, target
+            for part in ("down", "up", "diff", "diff_b"):
+                a, b = getattr(parts, part), getattr(seen, part)
+                assert (a is None) == (b is None), (name, target, part)
+                if a is not None:
+                    assert b.device.type == "meta" and (b.shape, b.dtype) == (a.shape, a.dtype), (name, target, part)
+        assert header.sha256 == "" and header.nbytes == full.nbytes
+        check_lora(meta_model(CFG), header)
+        with pytest.raises(LoraError, match=rf"{name}\.safetensors: .* has shape .*, but .* takes "):
+            check_lora(meta_model(wider), header)
 
 
 def test_uri_and_fs_open(tmp_path):

@@ -21,6 +21,7 @@ from engine.families import foreign_names, get_family
 from jobs.family import parse_lora_ref
 from jobs.job import RenderJob
 from jobs.manifest import load_jobs
+from jobs.sources import ManifestError
 from pipeline.driver import PromptQueue, digest_and_probe, run
 from run_helpers import metadata, run_config, write_manifest
 
@@ -247,16 +248,43 @@ def test_run_wide_parameters_and_loras_fill_the_rows_that_give_none(tiny_model, 
         read_jobs(str(manifest), models.paths(), models.family, None, None, {"step_list": [0, 500], "steps": 8})
 
 
-def test_a_lora_that_does_not_fit_the_model_fails_its_job_in_one_line(ray_session, tiny_model, loras, tmp_path):
-    """Keys for blocks the tiny DiT does not have: that job fails naming the key and the count; the
-    other jobs (with a good LoRA, and without) are done."""
-    bad = write_lora(tmp_path / "for_a_bigger_model.safetensors", seed=3, blocks=(0, 7))
-    manifest = write_manifest(tmp_path / "m.parquet", {"prompt": ["bad", "good", "none"],
-                                                       "loras": [[str(bad)], [str(loras["x"])], None]})
+def test_a_lora_that_does_not_fit_the_model_is_its_rows_error_before_anything_renders(ray_session, tiny_model,
+                                                                                       loras, tmp_path):
+    """Checked at load from the LoRA's header against the DiT built on the meta device: keys for
+    blocks the tiny DiT does not have, and a pair made for a wider layer, are each their row's
+    error in one line naming the file, a key and the DiT; the manifest is refused as a whole, and
+    with --skip-invalid the other jobs (a good LoRA, none) are done."""
+    from engine.model_set import ModelSet
+    from pipeline.driver import read_jobs
+
+    more_blocks = write_lora(tmp_path / "for_a_deeper_model.safetensors", seed=3, blocks=(0, 7))
+    wider = tmp_path / "for_a_wider_model.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(8, 2 * DIM),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(2 * DIM, 8)}, wider)
+    manifest = write_manifest(tmp_path / "m.parquet", {
+        "prompt": ["deeper", "wider", "good", "none"],
+        "loras": [[str(more_blocks)], [str(loras["x"]), str(wider)], [str(loras["x"])], None]})
+    models = ModelSet.from_dir(tiny_model)
+    jobs, errors, _, _, _ = read_jobs(str(manifest), models.paths(), models.family, None)
+    assert sorted(j.prompt for j in jobs) == ["good", "none"]
+    dit = models.files["dit"].name
+    deeper, wide = sorted(errors, key=lambda e: e.row)
+    assert deeper.row == 0 and deeper.field == "loras" and "\n" not in deeper.reason
+    assert "for_a_deeper_model.safetensors: 15 keys match no layer of this model, e.g. " in deeper.reason
+    assert "blocks.7." in deeper.reason and deeper.reason.endswith(f"(the DiT {dit})"), deeper.reason
+    assert wide.row == 1 and "element 1: " in wide.reason and (
+        "for_a_wider_model.safetensors: 'diffusion_model.blocks.0.self_attn.q.lora_down.weight' has shape "
+        f"[8, {2 * DIM}], but 'blocks.0.self_attn.q' takes [8, {DIM}] (the DiT {dit})") in wide.reason, wide.reason
+    # The deliberate mistake the check exists for: without it the same manifest loads whole.
+    everything, none, _ = jobs_of(tmp_path, {"prompt": ["deeper", "wider", "good", "none"],
+                                             "loras": [[str(more_blocks)], [str(wider)], [str(loras["x"])], None]})
+    assert len(everything) == 4 and not none
+
     out = tmp_path / "out"
-    report = run(run_config(tiny_model, manifest, out, actors=1, retries=0), stream=io.StringIO())
-    assert report["counts"] == report["counts"] | {"jobs": 3, "done": 2, "failed": 1}
-    df = metadata(out).set_index("prompt")
-    error = df.loc["bad", "error"]
-    assert "for_a_bigger_model.safetensors" in error and "15 keys match no layer" in error, error
-    assert "blocks.7." in error and "\n" not in error
+    with pytest.raises(ManifestError, match=r"2 invalid row\(s\)"):
+        run(run_config(tiny_model, manifest, out, actors=1, retries=0), stream=io.StringIO())
+    report = run(run_config(tiny_model, manifest, out, actors=1, retries=0, skip_invalid=True),
+                 stream=io.StringIO())
+    assert report["counts"] == report["counts"] | {"jobs": 2, "done": 2, "failed": 0}
+    assert report["invalid_rows"][0].startswith("row 0: loras: element 0: ") and len(report["invalid_rows"]) == 2
+    assert sorted(metadata(out)["prompt"]) == ["good", "none"]
