@@ -200,6 +200,16 @@ def resize_cover(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     return video.transpose(0, 1).float().div(127.5).sub(1.0).contiguous()
 
 
+def check_same_size(uri: str, probed: tuple[int, int, int], other_uri: str, other: tuple[int, int, int],
+                    role: str = "control video") -> None:
+    """VideoInputError naming both files unless two videos' `probe_video` (width, height, frames) agree:
+    a mask video must have its control video's frame count and size."""
+    if tuple(probed) != tuple(other):
+        (w, h, n), (other_w, other_h, other_n) = probed, other
+        raise VideoInputError(f"{uri}: {n} frames {w}x{h}, but its {role} {other_uri} has {other_n} frames "
+                              f"{other_w}x{other_h}")
+
+
 def read_control(video_uri: str, mask_uri: str | None, frames: int, height: int, width: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(control video [3, frames, height, width] in [-1, 1], mask [1, frames, height, width] in [0, 1]).
@@ -213,10 +223,7 @@ def read_control(video_uri: str, mask_uri: str | None, frames: int, height: int,
     _check_size(height=height, width=width)
     video_w, video_h, video_n = probe_video(video_uri)
     if mask_uri is not None:
-        mask_w, mask_h, mask_n = probe_video(mask_uri)
-        if (mask_w, mask_h, mask_n) != (video_w, video_h, video_n):
-            raise VideoInputError(f"{mask_uri}: {mask_n} frames {mask_w}x{mask_h}, but its control video "
-                                  f"{video_uri} has {video_n} frames {video_w}x{video_h}")
+        check_same_size(mask_uri, probe_video(mask_uri), video_uri, (video_w, video_h, video_n))
     ids = sample_frame_ids(video_n, frames)
     video = resize_cover(_decode(video_uri, video_w, video_h, video_n, ids), height, width)
     if mask_uri is None:

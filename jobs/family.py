@@ -61,7 +61,10 @@ class InputSpec:
     """A conditioning input: a manifest column (and `reelray render` flag) naming a file, or a list of files.
 
     `needs` names another input of the family that must be given whenever this
-    one is (a mask video means nothing without its control video).
+    one is (a mask video means nothing without its control video). `same_size_as`
+    names another video input whose frame count and size this video must have
+    (a mask frame for each control frame), checked from the files' headers
+    when the manifest is read.
     """
 
     name: str  # the manifest column, e.g. "image"
@@ -69,12 +72,15 @@ class InputSpec:
     required: bool
     help: str = ""
     needs: str | None = None
+    same_size_as: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"input {self.name}: kind must be one of {INPUT_KINDS}, got {self.kind!r}")
-        if self.needs == self.name:
-            raise ValueError(f"input {self.name}: cannot need itself")
+        if self.needs == self.name or self.same_size_as == self.name:
+            raise ValueError(f"input {self.name}: cannot need itself or match its own size")
+        if self.same_size_as is not None and self.kind != "video":
+            raise ValueError(f"input {self.name}: same_size_as is for video inputs, not {self.kind!r}")
 
     @property
     def is_list(self) -> bool:
@@ -134,9 +140,13 @@ class FamilySpec:
             raise ValueError(f"family {self.name}: duplicate input names")
         if set(names) & set(by_name):
             raise ValueError(f"family {self.name}: {sorted(set(names) & set(by_name))} are both parameters and inputs")
+        kinds = {spec.name: spec.kind for spec in self.inputs}
         for spec in self.inputs:
             if spec.needs is not None and spec.needs not in names:
                 raise ValueError(f"family {self.name}: input {spec.name} needs {spec.needs!r}, which is not one of its inputs")
+            if spec.same_size_as is not None and kinds.get(spec.same_size_as) != "video":
+                raise ValueError(f"family {self.name}: input {spec.name} is to match the size of "
+                                 f"{spec.same_size_as!r}, which is not one of its video inputs")
 
     @property
     def param_names(self) -> tuple[str, ...]:

@@ -274,11 +274,40 @@ def read_jobs(manifest: str, model_files: dict[str, str], family: str | None, se
             spec = spec.with_defaults(spec.params(**params))
         except ValueError as exc:
             raise ValueError(f"run parameters: {exc}") from None
-    fits = lora_fit_check(models)
+    videos: dict[str, tuple[int, int, int]] = {}
     jobs, errors, n_rows = load_jobs(manifest, model_digest=digest, family=spec, seeds=seeds, foreign=foreign,
-                                     digest=functools.partial(digest_and_probe, check_lora=fits),
+                                     digest=functools.partial(digest_and_probe, check_lora=lora_fit_check(models),
+                                                              videos=videos),
                                      input_defaults=defaults)
+    jobs, errors = check_video_sizes(jobs, errors, spec, videos)
     return jobs, errors, n_rows, models, digest
+
+
+def check_video_sizes(jobs: list[RenderJob], errors: list, spec, videos: Mapping[str, tuple[int, int, int]]):
+    """(jobs, errors) with every row whose video input must match another's size (`InputSpec.same_size_as`:
+    a mask video and its control video) but does not, from the headers `digest_and_probe` read, moved
+    from the jobs to the errors (one error per row, every seed of it out)."""
+    from engine.video_input import VideoInputError, check_same_size
+    from jobs.rows import RowError
+
+    pairs = [(s.name, s.same_size_as) for s in spec.inputs if s.same_size_as is not None]
+    if not pairs:
+        return jobs, errors
+    bad: dict[int, RowError] = {}
+    for job in jobs:
+        if job.row in bad:
+            continue
+        for name, other in pairs:
+            if name in job.inputs and other in job.inputs:
+                uri, other_uri = job.inputs[name].uri, job.inputs[other].uri
+                try:
+                    check_same_size(uri, videos[uri], other_uri, videos[other_uri], other.replace("_", " "))
+                except VideoInputError as exc:
+                    bad[job.row] = RowError(job.row, name, str(exc))
+                    break
+    if not bad:
+        return jobs, errors
+    return [job for job in jobs if job.row not in bad], sorted([*errors, *bad.values()], key=lambda e: e.row)
 
 
 def lora_ref_absolute(ref: str) -> tuple[str, float]:
@@ -351,12 +380,13 @@ def lora_fit_check(models) -> Callable[[str], None]:
     return check
 
 
-def digest_and_probe(files: Mapping[str, FileKind],
-                     check_lora: Callable[[str], None] | None = None) -> dict[str, str | InputError]:
+def digest_and_probe(files: Mapping[str, FileKind], check_lora: Callable[[str], None] | None = None,
+                     videos: dict[str, tuple[int, int, int]] | None = None) -> dict[str, str | InputError]:
     """Input digests ({uri: kind} in), each file's header checked on the way by its kind (an image's
     with `probe_image`, a video's with `probe_video`, a LoRA's with `probe_lora` and, given,
     `check_lora`: `lora_fit_check`'s): a file that is not what its column says, or a LoRA that
-    does not fit the model, is its rows' error before anything renders."""
+    does not fit the model, is its rows' error before anything renders. `videos`, given, is filled
+    with each video's (width, height, frames), for `check_video_sizes`."""
     from engine.image import probe_image
     from jobs.inputs import digest_inputs
 
@@ -372,7 +402,9 @@ def digest_and_probe(files: Mapping[str, FileKind],
             if check_lora is not None:
                 check_lora(uri)
         else:
-            probe_video(uri)
+            probed = probe_video(uri)
+            if videos is not None:  # (width, height, frames), for the checks across a row's files
+                videos[uri] = probed
 
     return digest_inputs(files, check=probe)
 

@@ -798,6 +798,13 @@ def test_family_specs_refuse_bad_input_declarations():
         InputSpec("x", "audio", required=False)
     with pytest.raises(ValueError, match="cannot need itself"):
         InputSpec("x", "video", required=False, needs="x")
+    with pytest.raises(ValueError, match="match its own size"):
+        InputSpec("x", "video", required=False, same_size_as="x")
+    with pytest.raises(ValueError, match="same_size_as is for video inputs, not 'image'"):
+        InputSpec("x", "image", required=False, same_size_as="y")
+    with pytest.raises(ValueError, match="input m is to match the size of 'i', which is not one of its video inputs"):
+        FamilySpec("f", "F", TINY.param_specs, inputs=(InputSpec("i", "image", False),
+                                                       InputSpec("m", "video", False, same_size_as="i")))
     with pytest.raises(ValueError, match="needs 'nothing', which is not one of its inputs"):
         FamilySpec("f", "F", TINY.param_specs, inputs=(InputSpec("m", "video", required=False, needs="nothing"),))
     with pytest.raises(ValueError, match="duplicate input names"):

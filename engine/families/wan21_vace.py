@@ -47,7 +47,7 @@ def context_scale_param() -> ParamSpec:
 VACE_INPUTS = (
     InputSpec("control_video", "video", required=False,
               help="the frames to follow (pose, depth, a video to inpaint ...), brought to the job's frames and size"),
-    InputSpec("mask_video", "video", required=False, needs="control_video",
+    InputSpec("mask_video", "video", required=False, needs="control_video", same_size_as="control_video",
               help="white = generate, black = keep the control video's pixels; as long and as large as the control video"),
     InputSpec("reference_images", "images", required=False,
               help="images of a subject or style, each fitted onto a white canvas of the job's size"),
