@@ -359,8 +359,13 @@ def lora_fit_check(models) -> Callable[[str], None]:
 
     @functools.cache  # built on the first LoRA: a run without one pays nothing
     def dits() -> dict[str, torch.nn.Module]:
+        """{"the DiT NAME" (or "the DiTs A and B", the two experts of one shape): its meta-device model}."""
+        by_config: dict = {}
+        for role, config in models.dit_configs().items():
+            by_config.setdefault(config, []).append(models.files[role].name)
         with torch.device("meta"):
-            return {role: WanModel(config) for role, config in models.dit_configs().items()}
+            return {("the DiT " if len(names) == 1 else "the DiTs ") + " and ".join(names): WanModel(config)
+                    for config, names in by_config.items()}
 
     lock = threading.Lock()
 
@@ -371,11 +376,11 @@ def lora_fit_check(models) -> Callable[[str], None]:
             raise InputError(str(exc)) from None
         with lock:  # digest_inputs checks files from several threads
             built = dits()
-        for role, model in built.items():
+        for which, model in built.items():
             try:
                 check_lora(model, lora)
             except LoraError as exc:
-                raise InputError(f"{exc} (the DiT {models.files[role].name})") from None
+                raise InputError(f"{exc} ({which})") from None
 
     return check
 

@@ -280,6 +280,16 @@ def test_a_lora_that_does_not_fit_the_model_is_its_rows_error_before_anything_re
                                              "loras": [[str(more_blocks)], [str(wider)], [str(loras["x"])], None]})
     assert len(everything) == 4 and not none
 
+    # The two experts of an A14B pair have one shape: both named, whichever LoRA slot the row fills.
+    from engine.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path / "a14b", family="wan2.2-t2v-a14b")
+    pair = ModelSet.from_dir(tmp_path / "a14b")
+    a14b = write_manifest(tmp_path / "a14b.parquet", {"prompt": ["deeper"], "loras_low": [[str(more_blocks)]]})
+    _, (error,), _, _, _ = read_jobs(str(a14b), pair.paths(), pair.family, None)
+    assert error.field == "loras_low" and error.reason.endswith(
+        f"(the DiTs {pair.files['dit_high'].name} and {pair.files['dit_low'].name})"), error.reason
+
     out = tmp_path / "out"
     with pytest.raises(ManifestError, match=r"2 invalid row\(s\)"):
         run(run_config(tiny_model, manifest, out, actors=1, retries=0), stream=io.StringIO())

@@ -134,7 +134,11 @@ def test_written_model_set_renders(tmp_path, vae_path, trained):
     (dit, t5, proto), _ = trained
     from engine.toy.embedded import write_toy_model
 
-    toy.write_checkpoint(tmp_path / "trained", dit, 2, t5, proto, vae_path)
+    paths = toy.write_checkpoint(tmp_path / "trained", dit, 2, t5, proto, vae_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(paths["dit"]))  # float16, as shipped: the trained weights rounded once
+    assert saved.keys() == dit.keys() and all(torch.equal(saved[k], dit[k].half()) for k in dit)
     write_toy_model(tmp_path / "set", quant="F32", source=tmp_path / "trained")
     models = ModelSet.from_dir(tmp_path / "set")
     assert models.family == "wan2.1-t2v"

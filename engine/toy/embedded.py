@@ -2,7 +2,7 @@
 
 `engine/toy/model/` holds what `make toy-model` trained (see engine/toy/train_dit.py):
 
-- `wan2.1-t2v-toy.safetensors`: the Wan2.1 T2V DiT, float32, original Wan
+- `wan2.1-t2v-toy.safetensors`: the Wan2.1 T2V DiT, float16, original Wan
   names, as a checkpoint (the input `reelray quantize` takes); its
   safetensors metadata carries the head count and the render defaults;
 - `umt5-toy-encoder-F32.gguf`: the tiny umT5 encoder with the world's
