@@ -15,8 +15,11 @@ identical shapes, so "high noise" / "low noise" in their names (or
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,6 +140,40 @@ class ModelSet:
         """{DiT role: its WanConfig}, from the files' headers (what `WanModel(config)` builds, on the meta
         device for checks that need the module tree and no weights: a LoRA against the model)."""
         return {role: _dit_file(self.files[role], None).config for role in DIT_ROLES if role in self.files}
+
+    def lora_fit_check(self) -> Callable[[str], None]:
+        """A check that a LoRA file fits this set's DiT(s), from headers alone: every key names a layer
+        of the model, in its shape (as `engine.lora.applied` checks at render), the DiTs built on the
+        meta device, no weights read. LoraError naming the file, a key and the DiT ("the DiTs A and B"
+        for two experts of one shape). The driver runs it on every LoRA a manifest names, so a LoRA
+        made for another model is its rows' error at load, not every job's failure on an actor."""
+        import torch
+
+        from engine.lora import LoraError, check_lora, read_lora_header
+        from engine.wan.dit import WanModel
+
+        @functools.cache  # built on the first LoRA: a run without one pays nothing
+        def dits() -> dict[str, torch.nn.Module]:
+            by_config: dict = {}
+            for role, config in self.dit_configs().items():
+                by_config.setdefault(config, []).append(self.files[role].name)
+            with torch.device("meta"):
+                return {("the DiT " if len(names) == 1 else "the DiTs ") + " and ".join(names): WanModel(config)
+                        for config, names in by_config.items()}
+
+        lock = threading.Lock()
+
+        def check(uri: str) -> None:
+            lora = read_lora_header(uri)
+            with lock:  # the driver checks files from several threads
+                built = dits()
+            for which, model in built.items():
+                try:
+                    check_lora(model, lora)
+                except LoraError as exc:
+                    raise LoraError(f"{exc} ({which})") from None
+
+        return check
 
     def check_fit(self) -> None:
         """Refuse, from the files' headers alone (no weights read), a set whose parts do not fit together.

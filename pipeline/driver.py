@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -274,9 +273,19 @@ def read_jobs(manifest: str, model_files: dict[str, str], family: str | None, se
             spec = spec.with_defaults(spec.params(**params))
         except ValueError as exc:
             raise ValueError(f"run parameters: {exc}") from None
+    from engine.lora import LoraError
+
+    fits = models.lora_fit_check()
+
+    def check_lora(uri: str) -> None:
+        try:
+            fits(uri)
+        except LoraError as exc:  # the file's own line, naming the DiT it does not fit
+            raise InputError(str(exc)) from None
+
     videos: dict[str, tuple[int, int, int]] = {}
     jobs, errors, n_rows = load_jobs(manifest, model_digest=digest, family=spec, seeds=seeds, foreign=foreign,
-                                     digest=functools.partial(digest_and_probe, check_lora=lora_fit_check(models),
+                                     digest=functools.partial(digest_and_probe, check_lora=check_lora,
                                                               videos=videos),
                                      input_defaults=defaults)
     jobs, errors = check_video_sizes(jobs, errors, spec, videos)
@@ -346,50 +355,11 @@ def probe_lora(uri: str) -> None:
                          f"or .diff keys among its {len(header) - ('__metadata__' in header)} tensors)")
 
 
-def lora_fit_check(models) -> Callable[[str], None]:
-    """A check that a LoRA file fits the model set's DiT(s), from headers alone: every key names a
-    layer of the model, in its shape (as `engine.lora.applied` checks at render). The DiTs are built
-    on the meta device, no weights read. A LoRA made for another model (a 14B LoRA on the 1.3B, a
-    Wan2.2 5B one on Wan2.1) is then its rows' error at load, not every job's failure after the
-    model is up."""
-    import torch
-
-    from engine.lora import LoraError, check_lora, read_lora_header
-    from engine.wan.dit import WanModel
-
-    @functools.cache  # built on the first LoRA: a run without one pays nothing
-    def dits() -> dict[str, torch.nn.Module]:
-        """{"the DiT NAME" (or "the DiTs A and B", the two experts of one shape): its meta-device model}."""
-        by_config: dict = {}
-        for role, config in models.dit_configs().items():
-            by_config.setdefault(config, []).append(models.files[role].name)
-        with torch.device("meta"):
-            return {("the DiT " if len(names) == 1 else "the DiTs ") + " and ".join(names): WanModel(config)
-                    for config, names in by_config.items()}
-
-    lock = threading.Lock()
-
-    def check(uri: str) -> None:
-        try:
-            lora = read_lora_header(uri)
-        except LoraError as exc:
-            raise InputError(str(exc)) from None
-        with lock:  # digest_inputs checks files from several threads
-            built = dits()
-        for which, model in built.items():
-            try:
-                check_lora(model, lora)
-            except LoraError as exc:
-                raise InputError(f"{exc} ({which})") from None
-
-    return check
-
-
 def digest_and_probe(files: Mapping[str, FileKind], check_lora: Callable[[str], None] | None = None,
                      videos: dict[str, tuple[int, int, int]] | None = None) -> dict[str, str | InputError]:
     """Input digests ({uri: kind} in), each file's header checked on the way by its kind (an image's
     with `probe_image`, a video's with `probe_video`, a LoRA's with `probe_lora` and, given,
-    `check_lora`: `lora_fit_check`'s): a file that is not what its column says, or a LoRA that
+    `check_lora`: `ModelSet.lora_fit_check`'s): a file that is not what its column says, or a LoRA that
     does not fit the model, is its rows' error before anything renders. `videos`, given, is filled
     with each video's (width, height, frames), for `check_video_sizes`."""
     from engine.image import probe_image
