@@ -328,31 +328,17 @@ def lora_ref_absolute(ref: str) -> tuple[str, float]:
 
 
 def probe_lora(uri: str) -> None:
-    """A LoRA file's safetensors header, read without its tensors: InputError naming the file unless it
-    is a safetensors file with LoRA keys (lora_down / lora_up, lora_A / lora_B, or full deltas)."""
-    import json
-    import struct
-
+    """InputError naming the file unless it is a LoRA as the engine reads one, judged from its
+    safetensors header alone (`engine.lora.read_lora_header`: no weights read): a file that is not
+    safetensors, holds no LoRA keys, or keys the engine cannot pair up, is its rows' error."""
+    from engine.lora import LoraError, read_lora_header
     from jobs.inputs import find_input
 
-    file = find_input(uri)
+    find_input(uri)  # a missing file keeps the inputs layer's own message
     try:
-        with file.fs.open_input_file(file.path) as stream:
-            head = stream.read(8)
-            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-            if not 2 <= size <= min(file.size - 8, 256 << 20):
-                raise InputError(f"{uri}: not a safetensors file (no valid header)")
-            header = json.loads(stream.read(size))
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"{uri}: not a safetensors file ({first_line(exc)})") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{uri}: not a safetensors file (its header is not a JSON object)")
-    markers = (".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".diff", "diff_m")
-    if not any(marker in name for name in header for marker in markers):
-        raise InputError(f"{uri}: a safetensors file without LoRA weights (no lora_down/lora_up, lora_A/lora_B "
-                         f"or .diff keys among its {len(header) - ('__metadata__' in header)} tensors)")
+        read_lora_header(uri)
+    except LoraError as exc:
+        raise InputError(str(exc)) from None
 
 
 def digest_and_probe(files: Mapping[str, FileKind], check_lora: Callable[[str], None] | None = None,

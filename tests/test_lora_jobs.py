@@ -106,7 +106,7 @@ def test_the_same_lora_under_another_path_is_the_same_job(loras, tmp_path):
 @pytest.mark.parametrize("cell, reason", [
     (["gone.safetensors"], "element 0: {dir}/gone.safetensors: no such file"),
     (["text.safetensors"], "text.safetensors: not a safetensors file"),
-    (["plain.safetensors"], "plain.safetensors: a safetensors file without LoRA weights"),
+    (["plain.safetensors"], "plain.safetensors: no LoRA keys (1 tensors, e.g. 'weight')"),
     (["x.safetensors:nan"], "element 0: 'x.safetensors:nan': the strength must be a finite number"),
     ([""], "element 0: must be PATH[:STRENGTH]"),
 ])
