@@ -105,6 +105,37 @@ def test_a_two_actor_run_gives_each_job_a_video_of_its_own_prompt(ray_session, t
     print({name: sum(getattr(item.score, name) for item in scored) / len(scored) for name in ATTRIBUTES})
 
 
+def test_the_scorer_reads_the_shipped_vaes_own_reconstructions_of_ground_truth():
+    """The scorer's square/circle cut sits where the toy VAE's decoder puts the two shapes.
+
+    Clips from the world's generator, through the committed VAE (encode, decode; no DiT), are read
+    right on every attribute: whatever the scorer misses in a render is then the DiT's. The VAE
+    rounds a square's corners, so a square's fill drops to a circle's: the fill cut the scorer
+    used before (0.89) misreads some of these very clips, which shows the set reaches that case.
+    """
+    import numpy as np
+    import torch
+
+    from engine.toy.adherence import accuracy, measure
+    from engine.toy.world import all_scenes, render_clip
+    from engine.wan.vae import load_vae
+
+    vae = load_vae(MODEL_DIR / file_names("Q8_0")["vae"], encoder=True)
+    rng = np.random.default_rng(11)
+    scenes = [scene for shape in ("circle", "square", "triangle")
+              for scene in rng.choice([s for s in all_scenes() if s.shape == shape], 6, replace=False)]
+    clips = np.stack([render_clip(scene, int(rng.integers(1 << 30))) for scene in scenes])
+    with torch.no_grad():
+        video = torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1
+        restored = torch.cat([vae.decode(vae.encode(video[i:i + 6])) for i in range(0, len(video), 6)])
+    restored = ((restored.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+
+    result = accuracy([score_clip(clip, scene) for clip, scene in zip(restored, scenes)])
+    assert min(result.values()) == 1.0, result
+    square_fills = [measure(clip)["fill"] for clip, scene in zip(restored, scenes) if scene.shape == "square"]
+    assert min(square_fills) < 0.89, square_fills
+
+
 def run_bench(name: str, *args: str, monkeypatch, capsys) -> str:
     """Run bench/NAME.py's main in this process (the session's Ray instance is reused); its stdout."""
     import importlib.util

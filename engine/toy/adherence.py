@@ -9,9 +9,12 @@ No learned model: each attribute is measured directly.
 - foreground: each pixel's position on the line from the background to that
   colour, lightly smoothed against noise and cut half-way, where a blurred or
   antialiased edge crosses; each frame keeps its largest connected blob;
-- shape: how the blob fills its bounding box (square ~1, circle ~pi/4,
-  triangle ~1/2) and how much of it lies in the box's top half (an upright
-  triangle ~1/4, the others ~1/2), medians over frames;
+- shape: how the blob's width near the top of its bounding box compares with
+  its width near the bottom (an upright triangle ~1/3, the others ~1), then
+  how far it reaches along the diagonals against the axes (square 2, circle
+  sqrt(2)), medians over frames; how it fills its box (square ~1, circle
+  ~pi/4, triangle ~1/2) and the share of it in the box's top half (triangle
+  ~1/4, the others ~1/2), the cues used before, are measured too;
 - direction: the dominant axis and sign of the blob centroid's track, from a
   Theil-Sen (median of pairwise slopes) line, so a few bad frames do not
   turn it.
@@ -37,13 +40,20 @@ EXTENT_MIN = 2  # pixels a row/column of the blob needs to count towards its box
 MIN_SHAPE_FRAMES = 0.5  # share of frames that must show a shape
 MIN_TRAVEL = 0.10  # of the frame side: less displacement over the clip is "not moving"
 MAX_CROSS_AXIS = 0.5  # off-axis displacement over on-axis: more is a diagonal, no direction
-# Between an upright triangle's 1/4 and a symmetric shape's 1/2, nearer 1/2 because the apex is
-# what blur and small sizes cut off first: measured over the world's clips, clean, noisy, blurred
-# and H.264, triangles reach 0.37 and circles go down to 0.46.
-TRIANGLE_TOP_SHARE = 0.42
-# Between a circle's pi/4 and a square's 1: measured, circles reach 0.86 and squares go down to
-# 0.94, or 0.89 under heavy noise and blur.
-SQUARE_FILL = 0.89
+# The shape's cuts sit where the toy VAE puts the shapes: its reconstructions of ground-truth clips
+# (encode, then decode, no DiT; 80 clips per shape), which blur a triangle's apex and round a
+# square's corners. Whatever the scorer then misses in a render is the DiT's.
+# Triangle or not, by the taper (width near the top over width near the bottom; upright triangle
+# ~1/3, others ~1): reconstructed triangles reach 0.70, circles and squares go down to 0.88 (ground
+# truth, clean or noisy and blurred: triangles <= 0.44, the others >= 0.96). The top half's share of
+# the area, the cue used before, leaves less room there (triangles <= 0.43, circles >= 0.47).
+TRIANGLE_TAPER = 0.79
+# Square or circle, by the diagonal reach: the blob's extents along the two diagonals over those
+# along the axes, (D1 + D2) / (W + H); sqrt(2) for a disc, 2 for an axis-aligned square.
+# Reconstructed circles reach 1.55, squares go down to 1.60 (ground truth: circles <= 1.50, squares
+# >= 1.85). The fill ratio, the cue used before, leaves less room there (circles <= 0.85, squares
+# >= 0.85).
+SQUARE_REACH = 1.58
 
 
 @dataclass
@@ -143,8 +153,8 @@ def measure(frames: np.ndarray) -> dict:
     """The raw measurements behind `predict`, for reports and tuning.
 
     Always: background_rgb, foreground_rgb (None without a foreground) and
-    frames_with_shape. When enough frames show a blob: fill and top_share
-    (medians over those frames), displacement (dx, dy) in pixels over the
+    frames_with_shape. When enough frames show a blob: fill, top_share, taper
+    and diagonal_reach (medians over those frames), displacement (dx, dy) in pixels over the
     clip from the centroid track, and frame_side.
     """
     frames = _check(frames)
@@ -186,14 +196,35 @@ def measure(frames: np.ndarray) -> dict:
     y0, y1 = _extent(row_counts)
     x0, x1 = _extent(col_counts)
     fills = areas / ((y1 - y0 + 1) * (x1 - x0 + 1))
+    # The same extents along the two diagonals: pixels binned by x + y and by x - y. A pixel's
+    # square reaches one bin further each way along a diagonal than its centre, hence + 2.
+    ys, xs = np.arange(height)[:, None], np.arange(width)[None, :]
+    reach = 0.0
+    for index in (ys + xs, ys - xs + width - 1):
+        bins = np.zeros((len(mask), height + width - 1))
+        for frame, one in enumerate(mask):
+            bins[frame] = np.bincount(index[one], minlength=height + width - 1)
+        d0, d1 = _extent(bins)
+        reach = reach + (d1 - d0 + 2)
+    diagonal_reaches = reach / ((y1 - y0 + 1) + (x1 - x0 + 1))
     # Rows strictly above the box's middle line count fully, the middle row (odd heights) half.
     rows = np.arange(height)[None, :]
     middle = (y0 + y1)[:, None] / 2
     top_shares = (row_counts * ((rows < middle) + 0.5 * (rows == middle))).sum(axis=1) / areas
+    # Width near the top of the box over width near its bottom: the mean row count over rows at 15-35%
+    # of the box's height against 65-85% (an upright triangle ~1/3, a circle or square ~1).
+    spans = (y1 - y0)[:, None]
+    place = (rows - y0[:, None]) / np.maximum(spans, 1)
+    upper = (place >= 0.15) & (place <= 0.35)
+    lower = (place >= 0.65) & (place <= 0.85)
+    tapers = ((row_counts * upper).sum(axis=1) / np.maximum(upper.sum(axis=1), 1)) / np.maximum(
+        (row_counts * lower).sum(axis=1) / np.maximum(lower.sum(axis=1), 1), 1)
     centroid_x = (col_counts * np.arange(width)).sum(axis=1) / areas
     centroid_y = (row_counts * rows).sum(axis=1) / areas
     out["fill"] = float(np.median(fills))
     out["top_share"] = float(np.median(top_shares))
+    out["diagonal_reach"] = float(np.median(diagonal_reaches))
+    out["taper"] = float(np.median(tapers))
     # Pixels travelled over the whole clip along x (right +) and y (down +).
     out["displacement"] = tuple(_theil_sen_slope(shown.astype(np.float64), track) * (count - 1)
                                 for track in (centroid_x, centroid_y))
@@ -211,10 +242,10 @@ def predict(frames: np.ndarray) -> dict[str, str | None]:
     if "fill" not in m:
         return predicted
 
-    if m["top_share"] < TRIANGLE_TOP_SHARE:
+    if m["taper"] < TRIANGLE_TAPER:
         predicted["shape"] = "triangle"
     else:
-        predicted["shape"] = "square" if m["fill"] >= SQUARE_FILL else "circle"
+        predicted["shape"] = "square" if m["diagonal_reach"] >= SQUARE_REACH else "circle"
 
     dx, dy = m["displacement"]
     along, across = max(abs(dx), abs(dy)), min(abs(dx), abs(dy))
