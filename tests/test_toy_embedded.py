@@ -26,8 +26,8 @@ from pipeline.driver import run
 # sha256 of the committed trained files (engine/toy/model). Retraining (`make toy-model`) changes them:
 # update these together with the files, docs/quality.md and the figures in the README.
 PINNED = {
-    "wan2.1-t2v-toy.safetensors": "6e8a3dc4d74a40b0fe6ab1041d48cc115bb86fe34b9f2e5b7cc645d2d5438f72",
-    "umt5-toy-encoder-F32.gguf": "007d89b09d40bf326033cb89f4112380edd71278d60ba4c401ec07790036cd79",
+    "wan2.1-t2v-toy.safetensors": "fc63cdc7d9a69ed453db69e6633605ae8eeef20a0ae5b9f282ed5b742b0710b0",
+    "umt5-toy-encoder-F32.gguf": "d14f66bf75a58289ecf079a76816e99a4956b2c4ddaf6347d485bd949ed36db2",
     "wan_2.1_vae_toy.safetensors": "b2438fd809a9296119970fa8bb56e5a5fa192a61f5ee99ba65fb5ad11fb63d19",
 }
 
