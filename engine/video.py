@@ -1,9 +1,11 @@
 """Frames in and out of MP4 files (H.264 via PyAV), and the frames' identity hash.
 
 Determinism: libx264 gives the same bytes for the same frames, settings and
-libraries only when its threading is fixed, so the encoder runs with one
-thread and a fixed thread type, and both the muxer and the encoder run
-"bitexact" (no library version string, no creation time). Frames are
+libraries only when its threading is fixed and its macroblock-tree rate
+control is off (with it on, the bytes also depend on the process's state),
+so the encoder runs with one thread, a fixed thread type and mbtree=0, and
+both the muxer and the encoder run "bitexact" (no library version string,
+no creation time). Frames are
 compared across machines by `frames_sha256` (the uint8 frames before
 encoding), file bytes only on the same setup.
 
@@ -23,6 +25,10 @@ from av.video.reformatter import ColorRange, Colorspace
 CODEC = "libx264"
 PIXEL_FORMAT = "yuv420p"
 PRESET = "medium"
+# x264's macroblock-tree rate control makes the bitstream depend on the process's state, not only
+# on the frames: with it, the same frames gave other bytes in a second process, or after the
+# Engine had rendered in another thread (tests/test_video.py). Without it the bytes are fixed.
+X264_PARAMS = "mbtree=0"
 # ITU-T H.273 code point 1 = BT.709, for colour primaries, transfer and matrix alike.
 BT709 = 1
 
@@ -90,7 +96,7 @@ def write_mp4(frames: np.ndarray | torch.Tensor, path: str | os.PathLike, fps: i
         codec.flags |= av.codec.context.Flags.bitexact
         codec.color_range = ColorRange.MPEG
         codec.colorspace = codec.color_primaries = codec.color_trc = BT709
-        stream.options = {"preset": PRESET, "crf": str(crf)}
+        stream.options = {"preset": PRESET, "crf": str(crf), "x264-params": X264_PARAMS}
 
         for index, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
