@@ -23,7 +23,6 @@ from typing import Any
 
 from jobs.dataset import make_row, with_added_columns
 from jobs.inputs import FileKind, InputError
-from jobs.sources import first_line
 from jobs.job import RenderJob
 from jobs.manifest import ManifestError, load_jobs
 from pipeline.actor import CONCURRENCY, RenderActor, software_versions

@@ -117,18 +117,19 @@ def test_the_scorer_reads_the_shipped_vaes_own_reconstructions_of_ground_truth()
     import torch
 
     from engine.toy.adherence import accuracy, measure
+    from engine.toy.train_vae import clip_tensor
     from engine.toy.world import all_scenes, render_clip
+    from engine.video import to_uint8
     from engine.wan.vae import load_vae
 
     vae = load_vae(MODEL_DIR / file_names("Q8_0")["vae"], encoder=True)
     rng = np.random.default_rng(11)
     scenes = [scene for shape in ("circle", "square", "triangle")
               for scene in rng.choice([s for s in all_scenes() if s.shape == shape], 6, replace=False)]
-    clips = np.stack([render_clip(scene, int(rng.integers(1 << 30))) for scene in scenes])
+    video = clip_tensor([render_clip(scene, int(rng.integers(1 << 30))) for scene in scenes])
     with torch.no_grad():
-        video = torch.from_numpy(clips).float().permute(0, 4, 1, 2, 3) / 127.5 - 1
         restored = torch.cat([vae.decode(vae.encode(video[i:i + 6])) for i in range(0, len(video), 6)])
-    restored = ((restored.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    restored = [to_uint8(clip) for clip in restored]
 
     result = accuracy([score_clip(clip, scene) for clip, scene in zip(restored, scenes)])
     assert min(result.values()) == 1.0, result
