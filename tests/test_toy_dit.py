@@ -33,7 +33,7 @@ def monkeypatch_module():
         yield patch
 
 
-def run(vae_path, steps, seed=0, log=None):
+def run(vae_path, steps, seed=0, log=None, precision="float32"):
     losses = []
 
     def record(line):
@@ -43,7 +43,7 @@ def run(vae_path, steps, seed=0, log=None):
             log.append(line)
 
     out = toy.train_dit(vae_path, steps, seed=seed, dim=32, layers=1, heads=2, batch=4, lr=3e-3,
-                        clips_per_scene=1, log=record, log_every=10)
+                        clips_per_scene=1, log=record, log_every=10, precision=precision)
     return out, losses
 
 
@@ -68,7 +68,21 @@ def test_seeded_run_is_deterministic(vae_path, small_pool, trained):
     assert not torch.equal(dit["blocks.0.ffn.0.weight"], dit3["blocks.0.ffn.0.weight"])
 
 
-def test_trainable_forward_matches_the_inference_forward():
+def test_bfloat16_autocast_trains_is_seeded_and_really_runs_in_bfloat16(vae_path, small_pool, trained):
+    """The recipe's `--precision bfloat16`: the loss falls as in float32, the same seed gives the same
+    weights, and the weights differ from the float32 run's (the autocast is not silently off)."""
+    (dit, _, _), _ = trained
+    (first, _, _), losses = run(vae_path, 60, precision="bfloat16")
+    (again, _, _), losses_again = run(vae_path, 60, precision="bfloat16")
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert losses == losses_again and all(torch.equal(first[n], again[n]) for n in first)
+    assert not torch.equal(first["blocks.0.ffn.0.weight"], dit["blocks.0.ffn.0.weight"])
+    with pytest.raises(ValueError, match="precision"):
+        run(vae_path, 1, precision="float16")
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "explicit-attention"])
+def test_trainable_forward_matches_the_inference_forward(explicit):
     from engine.wan.dit import WanConfig, WanModel
 
     torch.manual_seed(0)
@@ -80,14 +94,15 @@ def test_trainable_forward_matches_the_inference_forward():
     x, t, ctx = torch.randn(2, 16, 2, 4, 4), torch.tensor([100.0, 900.0]), torch.randn(2, 5, 8)
     with torch.no_grad():
         want = model(x, t, ctx)
-        got = toy.trainable(model)(x, t, ctx)
+        got = toy.trainable(model, explicit=explicit)(x, t, ctx)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.abs().mean() > 0.1
     model(x, t, ctx).square().mean().backward()  # the in-place inference forward could not do this
     assert model.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
 
 
-def test_compact_text_attention_equals_attending_to_the_full_padding():
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "explicit-attention"])
+def test_compact_text_attention_equals_attending_to_the_full_padding(explicit):
     """CompactText: a prompt's 512 - L zero rows attended as the few rows of a compact context with a
     log-count bias give the model's own forward over the full zero-padded context."""
     from engine.wan.dit import WanConfig, WanModel
@@ -107,7 +122,7 @@ def test_compact_text_attention_equals_attending_to_the_full_padding():
     with torch.no_grad():
         # The engine's forward: each prompt alone, zero-padded to text_len inside the model.
         want = torch.cat([model(x[i:i + 1], t[i:i + 1], ctx[i:i + 1, :n]) for i, n in enumerate(lengths)])
-        compact = toy.CompactText(toy.trainable(model))
+        compact = toy.CompactText(toy.trainable(model, explicit=explicit), explicit=explicit)
         compact.set_lengths(lengths, width)
         got = model(x, t, ctx)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
