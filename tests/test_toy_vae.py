@@ -148,3 +148,46 @@ def test_cli_writes_a_file_the_engine_reloads(tmp_path, capsys, monkeypatch):
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="steps and batch"):
         train_vae(0, config=SMALL)
+
+
+def test_summed_norms_give_the_reference_norms_values_and_gradients_and_train(trained):
+    """use_summed_norms: every RMSNorm computes x * rsqrt(sum x^2) instead of F.normalize. A VAE with
+    them gives the reference formula's training loss (to 1e-5) and gradients, and a seeded run with
+    them follows the plain run's loss curve."""
+    import types
+
+    from engine.toy.train_vae import use_summed_norms
+    from engine.wan.vae import RMSNorm
+
+    state = random_vae_state_dict(vae_file_shapes(SMALL), 3)
+    plain, summed = vae_from(state), vae_from(state)
+    use_summed_norms(summed)
+    video = clip_tensor([render_clip(Scene("red", "square", "left", "teal"), np.random.default_rng(0))])
+    for model in (plain, summed):
+        model.train()
+    losses = [training_loss(model, video, torch.Generator().manual_seed(0))[0] for model in (plain, summed)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for loss in losses:
+        loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), summed.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
+    # the comparison can fail: the norm taken over time instead of channels (a deliberate mistake)
+    wrong = vae_from(state).train()
+    for module in wrong.modules():
+        if isinstance(module, RMSNorm):
+            module.forward = types.MethodType(
+                lambda norm, x: x * torch.rsqrt(x.square().sum(2, keepdim=True).clamp_min(1e-24)) * norm.scale * norm.gamma,
+                module)
+    wrong_loss = training_loss(wrong, video, torch.Generator().manual_seed(0))[0]
+    assert not torch.allclose(wrong_loss, losses[0], rtol=1e-3, atol=1e-6)
+
+    # the same seeded run as the `trained` fixture's, with summed norms: the same loss curve to
+    # rounding, and weights that are not bit-identical (the other formula really ran)
+    plain_state, plain_lines = trained
+    lines: list[str] = []
+    run = train_vae(STEPS, seed=0, config=SMALL, batch=1, log=lines.append, log_every=10, summed_norms=True)
+    curve = [float(line.split()[4]) for line in lines if line.startswith("vae step")]
+    plain_curve = [float(line.split()[4]) for line in plain_lines if line.startswith("vae step")]
+    np.testing.assert_allclose(curve, plain_curve, rtol=0.02)
+    assert run.keys() == plain_state.keys()
+    assert any(not torch.equal(run[n], plain_state[n]) for n in run)
