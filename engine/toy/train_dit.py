@@ -44,7 +44,10 @@ canonical phrasing alone:
 `--precision bfloat16` (bfloat16 autocast, explicit attention) trains ~1.7x faster a step on a CPU
 with bfloat16 matrix units (bench/toy_training.py); the committed model was trained in float32,
 which is what the recipe runs. One bfloat16 run of ~1 h (2600 steps) met the seen targets but read
-held-out prompts 40% right (docs/quality.md, session 10).
+held-out prompts 40% right (docs/quality.md, session 10). `--text-mixing 0.1` draws the frozen
+umT5's attention outputs at a tenth of the scale, so each word's hidden state stays mostly its
+own (`word_spread`): the same 2600 bfloat16 steps then read held-out prompts 82.5% right
+(docs/quality.md, session 11).
 
 The tokenizer SentencePiece trains here differs between sentencepiece versions (0.2.2 and 0.2.3
 give different pieces, hence a different random umT5 and different text embeddings): the recipe
@@ -113,8 +116,13 @@ def train_world_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> bytes:
     return out.getvalue()
 
 
-def random_t5_state(proto: bytes, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded random weights of the tiny umT5 encoder for this tokenizer (original HF names)."""
+def random_t5_state(proto: bytes, seed: int, text_mixing: float = 1.0) -> dict[str, torch.Tensor]:
+    """Seeded random weights of the tiny umT5 encoder for this tokenizer (original HF names).
+
+    `text_mixing` scales every self-attention's output projection (`SelfAttention.o`), the only
+    path by which one token's hidden state takes in the others': 1 is the plain random draw,
+    smaller leaves each word's state more its own (`word_spread` measures it).
+    """
     from sentencepiece import SentencePieceProcessor
 
     from engine.tiny import random_state_dict
@@ -123,7 +131,45 @@ def random_t5_state(proto: bytes, seed: int) -> dict[str, torch.Tensor]:
     vocab = SentencePieceProcessor(model_proto=proto).get_piece_size()
     with torch.device("meta"):
         t5 = UMT5Encoder(UMT5Config(vocab=vocab, **TOY_T5))
-    return random_state_dict(t5, torch.Generator().manual_seed(seed))
+    state = random_state_dict(t5, torch.Generator().manual_seed(seed))
+    if text_mixing != 1.0:
+        for name in state:
+            if name.endswith("SelfAttention.o.weight"):
+                state[name] = state[name] * text_mixing
+    return state
+
+
+def word_spread(proto: bytes, t5_state: dict[str, torch.Tensor],
+                scenes: Sequence[Scene] | None = None) -> dict[str, float]:
+    """How much the frozen umT5 blends each attribute's word with its prompt, per attribute.
+
+    Over the canonical prompts of `scenes` (default: all 288): the hidden state of the colour, shape, direction and background
+    word, its variance across the prompts that share the word (what the rest of the prompt does to
+    it) over the variance between the words' means (what tells the words apart). Near 0: each word
+    is read the same in every prompt, so a held-out combination's words look as they did in
+    training; above 1: context moves a word's state more than the word does.
+    """
+    from engine.wan.tokenizer import Tokenizer
+
+    scenes = list(scenes or all_scenes())
+    prompts = [scene.prompt for scene in scenes]
+    tokenizer = Tokenizer(proto)
+    states = text_embeddings(proto, t5_state, prompts)
+    spread = {}
+    for attribute in ("colour", "shape", "direction", "background"):
+        rows, words = [], []
+        for scene, prompt, state in zip(scenes, prompts, states):
+            word = getattr(scene, attribute)
+            piece = tokenizer.encode(word)[0]  # the world's tokenizer keeps each of its words one piece
+            rows.append(state[tokenizer.encode(prompt).index(piece)])
+            words.append(word)
+        rows = torch.stack(rows).double()
+        means = {word: rows[[i for i, w in enumerate(words) if w == word]].mean(0) for word in set(words)}
+        within = torch.stack([row - means[word] for row, word in zip(rows, words)]).square().sum(1).mean()
+        centred = torch.stack(list(means.values()))
+        between = (centred - centred.mean(0)).square().sum(1).mean()
+        spread[attribute] = float(within / between)
+    return spread
 
 
 def text_embeddings(proto: bytes, t5_state: dict[str, torch.Tensor], prompts: Sequence[str]) -> list[torch.Tensor]:
@@ -350,7 +396,7 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
               log: Callable[[str], None] = print, log_every: int = 50, init: str | Path | None = None,
               device: str = "cpu", pool: str | Path | None = None, probe_every: int = 0,
               max_seconds: float | None = None, sigma_shift: float | None = None, canonical_only: bool = False,
-              precision: str = "float32") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bytes]:
+              precision: str = "float32", text_mixing: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bytes]:
     """Train the toy DiT for `steps` AdamW steps; (DiT state dict, umT5 state dict, tokenizer proto).
 
     Seeded throughout: the same arguments on the same torch build and thread count give the same weights
@@ -364,7 +410,9 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
     `canonical_only`: train on the canonical phrasing alone. `precision`: "bfloat16" runs the
     forward and backward under bfloat16 autocast with `explicit_attention` (weights, optimizer and
     loss stay float32; ~1.7x faster a step on this CPU, which has bfloat16 matrix units);
-    "float32" runs as the committed model was trained (fused attention kernel).
+    "float32" runs as the committed model was trained (fused attention kernel). `text_mixing`: the
+    frozen umT5's attention output scale (`random_t5_state`; 1, the plain draw, is the committed
+    model's).
     """
     from engine.wan.dit import WanConfig, WanModel
 
@@ -374,7 +422,7 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
         raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
     start = time.perf_counter()
     proto = train_world_tokenizer()
-    t5_state = random_t5_state(proto, seed)
+    t5_state = random_t5_state(proto, seed, text_mixing)
     latents, scenes = latent_pool(vae_path, clips_per_scene, seed, cache=pool)
     width = 1 if canonical_only else len(phrasings(scenes[0]))
     texts = {scene: i * width for i, scene in enumerate(training_scenes())}
@@ -416,7 +464,7 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
     generator = torch.Generator().manual_seed(seed)
     log(f"DiT: dim {dim}, {layers} blocks, {heads} heads, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters; batch {batch}, lr {lr}, shift {sigma_shift or shift}, caption dropout {CAPTION_DROPOUT}, "
-        f"{width} phrasing(s), device {device}, {precision}")
+        f"{width} phrasing(s), device {device}, {precision}, text mixing {text_mixing}")
 
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast)
     window, losses = [], []
@@ -545,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--canonical-only", action="store_true", help="train on the canonical phrasing alone")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                         help="training arithmetic: bfloat16 autocast (weights and optimizer float32) or float32")
+    parser.add_argument("--text-mixing", type=float, default=1.0,
+                        help="scale of the frozen umT5's attention outputs (1: the plain random draw; 0.1 keeps each word's state mostly its own)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                         help="precision of the written DiT checkpoint (default float16, as shipped)")
     parser.add_argument("--out", default=str(MODEL_DIR), help="folder for the trained files (default: the package's, engine/toy/model)")
@@ -556,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                heads=args.heads, batch=args.batch, lr=args.lr, clips_per_scene=args.clips_per_scene,
                                init=args.init, device=args.device, pool=args.pool, probe_every=args.probe_every,
                                max_seconds=args.max_seconds, sigma_shift=args.sigma_shift,
-                               canonical_only=args.canonical_only, precision=args.precision)
+                               canonical_only=args.canonical_only, precision=args.precision,
+                               text_mixing=args.text_mixing)
     for role, path in write_checkpoint(args.out, dit, args.heads, t5, proto, args.vae,
                                        dtype=getattr(torch, args.dtype)).items():
         print(f"wrote {role:13s} {path}")
