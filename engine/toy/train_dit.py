@@ -143,9 +143,10 @@ def word_spread(proto: bytes, t5_state: dict[str, torch.Tensor],
                 scenes: Sequence[Scene] | None = None) -> dict[str, float]:
     """How much the frozen umT5 blends each attribute's word with its prompt, per attribute.
 
-    Over the canonical prompts of `scenes` (default: all 288): the hidden state of the colour, shape, direction and background
-    word, its variance across the prompts that share the word (what the rest of the prompt does to
-    it) over the variance between the words' means (what tells the words apart). Near 0: each word
+    Over the canonical prompts of `scenes` (default: all 288): the hidden state of the colour,
+    shape, direction and background word, its variance across the prompts that share the word
+    (what the rest of the prompt does to it) over the variance between the words' means (what
+    tells the words apart). Near 0: each word
     is read the same in every prompt, so a held-out combination's words look as they did in
     training; above 1: context moves a word's state more than the word does.
     """
@@ -155,13 +156,14 @@ def word_spread(proto: bytes, t5_state: dict[str, torch.Tensor],
     prompts = [scene.prompt for scene in scenes]
     tokenizer = Tokenizer(proto)
     states = text_embeddings(proto, t5_state, prompts)
+    pieces = [tokenizer.encode(prompt) for prompt in prompts]
     spread = {}
     for attribute in ("colour", "shape", "direction", "background"):
         rows, words = [], []
-        for scene, prompt, state in zip(scenes, prompts, states):
+        for scene, ids, state in zip(scenes, pieces, states):
             word = getattr(scene, attribute)
-            piece = tokenizer.encode(word)[0]  # the world's tokenizer keeps each of its words one piece
-            rows.append(state[tokenizer.encode(prompt).index(piece)])
+            # the world's tokenizer keeps each of its words one piece
+            rows.append(state[ids.index(tokenizer.encode(word)[0])])
             words.append(word)
         rows = torch.stack(rows).double()
         means = {word: rows[[i for i, w in enumerate(words) if w == word]].mean(0) for word in set(words)}
