@@ -191,3 +191,37 @@ def test_summed_norms_give_the_reference_norms_values_and_gradients_and_train(tr
     np.testing.assert_allclose(curve, plain_curve, rtol=0.02)
     assert run.keys() == plain_state.keys()
     assert any(not torch.equal(run[n], plain_state[n]) for n in run)
+
+
+def test_shape_weight_counts_the_shapes_pixels_that_many_times():
+    """pixel_error: the shape's pixels (shape_mask: where the ground truth differs from its
+    background) count `shape_weight` times, normalised to the plain MSE's scale; weight 1 is the
+    plain MSE bit for bit, in the training loss too."""
+    from engine.toy.train_vae import pixel_error, shape_mask
+
+    clip = render_clip(Scene("red", "triangle", "up", "brown"), np.random.default_rng(3))
+    video = clip_tensor([clip])
+    mask = shape_mask(video)
+    truth = torch.from_numpy((clip != clip[:, :1, :1]).any(-1))
+    assert mask.shape == (1, 1, 17, 64, 64) and torch.equal(mask[0, 0], truth)
+    share = truth.float().mean().item()
+    assert 0.05 < share < 0.3, share
+
+    # two wrong reconstructions of the same plain MSE: one off on the shape only, one on the background only
+    on_shape = video + 0.5 * mask
+    on_background = video + 0.5 * ~mask * (share / (1 - share)) ** 0.5
+    plain = [pixel_error(r, video) for r in (on_shape, on_background)]
+    torch.testing.assert_close(plain[0], plain[1], rtol=1e-5, atol=0)
+    assert torch.equal(plain[0], (on_shape - video).square().mean())
+    weighted = [pixel_error(r, video, 5.0) for r in (on_shape, on_background)]
+    torch.testing.assert_close(weighted[0] / weighted[1], torch.tensor(5.0), rtol=1e-4, atol=0)
+    # normalised by the mean weight: a uniform error keeps its value at any weight
+    torch.testing.assert_close(pixel_error(video + 0.1, video, 5.0), pixel_error(video + 0.1, video), rtol=1e-5, atol=0)
+
+    model = vae_from(random_vae_state_dict(vae_file_shapes(SMALL), 3)).train()
+    loss, mse = training_loss(model, video, torch.Generator().manual_seed(0))
+    same, _ = training_loss(model, video, torch.Generator().manual_seed(0), shape_weight=1.0)
+    other, other_mse = training_loss(model, video, torch.Generator().manual_seed(0), shape_weight=5.0)
+    assert torch.equal(loss, same) and torch.equal(mse, other_mse) and not torch.allclose(loss, other)
+    with pytest.raises(ValueError, match="shape_weight"):
+        train_vae(1, config=SMALL, shape_weight=0.5)
