@@ -47,7 +47,8 @@ bench: $(STAMP)
 # files were trained with). Nobody needs to: the trained files are committed and pinned by
 # tests/test_toy_embedded.py. docs/quality.md has what each stage bought.
 # One faster run (--precision bfloat16, ~1 h) was tried and falls short on held-out prompts; with
-# --text-mixing 0.1 the same DiT run meets the targets on the committed VAE (docs/quality.md, session 11).
+# --text-mixing 0.1 the same DiT run meets the targets on the committed VAE (docs/quality.md, session 11),
+# but not yet after a faster VAE (~80 min in all, held-out 57.5%; docs/quality.md, session 12).
 toy-model: $(STAMP)
 	mkdir -p build/toy
 	$(BIN)/python -u -m engine.toy.train_vae --threads 2 --steps 2400 --out build/toy/vae-whole.safetensors
