@@ -225,3 +225,31 @@ def test_shape_weight_counts_the_shapes_pixels_that_many_times():
     assert torch.equal(loss, same) and torch.equal(mse, other_mse) and not torch.allclose(loss, other)
     with pytest.raises(ValueError, match="shape_weight"):
         train_vae(1, config=SMALL, shape_weight=0.5)
+
+
+def test_video_warmup_warms_the_learning_rate_up_again_at_the_switch_to_clips():
+    """phase_learning_rate: the plain schedule on the image steps; from the first video step on, scaled
+    by (steps since the switch + 1) / video_warmup until that reaches 1. 0 is the plain schedule."""
+    from engine.toy.train_vae import IMAGE_FRACTION, learning_rate, phase_learning_rate, video_phase_start
+
+    steps = 400
+    switch = video_phase_start(steps)
+    assert switch == 240 and all((s < IMAGE_FRACTION * steps) == (s < switch) for s in range(steps))
+    assert [video_phase_start(n) for n in (1, 3, 7)] == [1, 2, 5]
+    for step in range(steps):
+        plain = learning_rate(step, steps)
+        assert phase_learning_rate(step, steps) == plain
+        expected = plain if step < switch else plain * min(1.0, (step - switch + 1) / 50)
+        assert phase_learning_rate(step, steps, 50) == pytest.approx(expected, rel=1e-12)
+    assert phase_learning_rate(switch, steps, 50) == pytest.approx(learning_rate(switch, steps) / 50)
+    assert phase_learning_rate(switch - 1, steps, 50) == learning_rate(switch - 1, steps)
+    # and the training loop runs it: 3 steps are 2 image steps and 1 video step, whose update it shrinks
+    quiet = dict(seed=5, config=SMALL, batch=1, log=lambda _: None)
+    plain, warm, image_only = train_vae(3, **quiet), train_vae(3, video_warmup=50, **quiet), train_vae(2, **quiet)
+    changed = [name for name in plain if not torch.equal(plain[name], warm[name])]
+    assert changed
+    for name in changed:  # the video step moved each weight about a fiftieth as far
+        full, small = (plain[name] - image_only[name]).norm(), (warm[name] - image_only[name]).norm()
+        assert small < 0.2 * full, name
+    with pytest.raises(ValueError, match="video_warmup"):
+        train_vae(1, config=SMALL, video_warmup=-1)

@@ -271,10 +271,30 @@ def learning_rate(step: int, steps: int) -> float:
     return LEARNING_RATE * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
 
 
+def video_phase_start(steps: int) -> int:
+    """The first step of `train_vae`'s video phase: the steps before it train on single frames."""
+    return min(steps, math.ceil(IMAGE_FRACTION * steps))  # an integer n < x exactly when n < ceil(x)
+
+
+def phase_learning_rate(step: int, steps: int, video_warmup: int = 0) -> float:
+    """`learning_rate`, warmed up again over `video_warmup` steps from the first video step on.
+
+    The temporal taps get no gradient while the VAE sees single frames, so Adam's first updates
+    to them at the switch are several times the learning rate: measured, the pixel MSE jumps
+    from 0.004 to 0.31 over the first 25 video steps. Over 50 steps of re-warm-up the first 10
+    video steps averaged 0.032 instead of 0.197 (docs/quality.md, session 12). 0: no re-warm-up.
+    """
+    rate = learning_rate(step, steps)
+    switch = video_phase_start(steps)
+    if video_warmup and step >= switch:
+        rate *= min(1.0, (step - switch + 1) / video_warmup)
+    return rate
+
+
 def train_vae(steps: int, seed: int = 0, config: WanVAEConfig = TOY_VAE_CONFIG, batch: int = 2,
               log: Callable[[str], None] = print, log_every: int = 25,
               eval_every: int = 0, summed_norms: bool = False,
-              shape_weight: float = 1.0) -> dict[str, torch.Tensor]:
+              shape_weight: float = 1.0, video_warmup: int = 0) -> dict[str, torch.Tensor]:
     """Train a Wan2.1 VAE on the toy world for `steps` Adam steps; its state dict in original names.
 
     A step is `IMAGES_PER_CLIP * batch` single frames for the first
@@ -286,11 +306,15 @@ def train_vae(steps: int, seed: int = 0, config: WanVAEConfig = TOY_VAE_CONFIG, 
     `eval_every` steps, if set), then the latent statistics it folds in and
     the final held-out reconstruction PSNR. `summed_norms`: `use_summed_norms` (faster, other rounding).
     `shape_weight`: the loss counts the shape's pixels that many times (`pixel_error`).
+    `video_warmup`: the learning rate is warmed up again over that many steps at the switch to
+    full clips (`phase_learning_rate`).
     """
     if steps < 1 or batch < 1:
         raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
     if not shape_weight >= 1.0:
         raise ValueError(f"shape_weight must be >= 1, got {shape_weight}")
+    if video_warmup < 0:
+        raise ValueError(f"video_warmup must be >= 0, got {video_warmup}")
     if (FRAMES - 1) % config.temporal_factor or SIZE % config.spatial_factor:
         raise ValueError(f"a VAE of temporal factor {config.temporal_factor} and spatial factor "
                          f"{config.spatial_factor} cannot encode the world's {FRAMES} frames of {SIZE}x{SIZE}")
@@ -309,10 +333,11 @@ def train_vae(steps: int, seed: int = 0, config: WanVAEConfig = TOY_VAE_CONFIG, 
     evaluation = held_out_clips()
     start = time.perf_counter()
     running = 0.0
+    switch = video_phase_start(steps)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps)
-        if step < IMAGE_FRACTION * steps:
+            group["lr"] = phase_learning_rate(step, steps, video_warmup)
+        if step < switch:
             video = training_batch(rng, IMAGES_PER_CLIP * batch, 1)
         else:
             video = training_batch(rng, batch, FRAMES)
@@ -411,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "~5x faster norms, other rounding than the committed VAE's run")
     parser.add_argument("--shape-weight", type=float, default=1.0, help="count the shape's pixels this many "
                         "times in the loss (1: the plain MSE, the committed VAE's)")
+    parser.add_argument("--video-warmup", type=int, default=0, help="warm the learning rate up again over "
+                        "this many steps at the switch from single frames to clips (0: none, the committed VAE's)")
     parser.add_argument("--finetune-decoder", metavar="VAE", help="instead: go on training only the decoder of "
                         "this written toy VAE (its latents stay the same)")
     args = parser.parse_args(argv)
@@ -422,7 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  summed_norms=args.summed_norms, shape_weight=args.shape_weight)
     else:
         state = train_vae(args.steps, seed=args.seed, config=TOY_VAE_CONFIG, batch=args.batch,
-                          summed_norms=args.summed_norms, shape_weight=args.shape_weight)
+                          summed_norms=args.summed_norms, shape_weight=args.shape_weight,
+                          video_warmup=args.video_warmup)
     write_vae_safetensors(state, args.out)
     model = load_vae(args.out, encoder=True)
     clips = held_out_clips()
