@@ -146,9 +146,9 @@ def word_spread(proto: bytes, t5_state: dict[str, torch.Tensor],
     Over the canonical prompts of `scenes` (default: all 288): the hidden state of the colour,
     shape, direction and background word, its variance across the prompts that share the word
     (what the rest of the prompt does to it) over the variance between the words' means (what
-    tells the words apart). Near 0: each word
-    is read the same in every prompt, so a held-out combination's words look as they did in
-    training; above 1: context moves a word's state more than the word does.
+    tells the words apart). Near 0: each word is read the same in every prompt, so a held-out
+    combination's words look as they did in training; above 1: context moves a word's state
+    more than the word does.
     """
     from engine.wan.tokenizer import Tokenizer
 

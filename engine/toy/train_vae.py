@@ -143,9 +143,8 @@ def training_loss(model: WanVAE, video: torch.Tensor, generator: torch.Generator
     kl = 0.5 * (mu_n.square() + logvar_n.exp() - 1.0 - logvar_n).mean()
     z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator)
     restored = model._decode_video(z)
-    mse = (restored - video).square().mean()
-    pixels = mse if shape_weight == 1.0 else pixel_error(restored, video, shape_weight)
-    return pixels + KL_WEIGHT * kl, mse.detach()
+    mse = (restored.detach() - video).square().mean()
+    return pixel_error(restored, video, shape_weight) + KL_WEIGHT * kl, mse
 
 
 @torch.no_grad()
@@ -404,13 +403,12 @@ def finetune_decoder(vae_path: str | Path, steps: int, seed: int = 0, batch: int
             mu, _ = posterior(model, video)
         z = mu + INITIAL_SIGMA * std * torch.randn(mu.shape, generator=noise)
         restored = model._decode_video(z)
-        mse = (restored - video).square().mean()
-        loss = mse if shape_weight == 1.0 else pixel_error(restored, video, shape_weight)
+        loss = pixel_error(restored, video, shape_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, GRAD_CLIP)
         optimizer.step()
-        running += mse.detach().item()
+        running += (restored.detach() - video).square().mean().item()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             log(f"decoder step {step + 1:5d}/{steps}  mse {running / ((step % log_every) + 1):.5f}  "
                 f"{time.perf_counter() - start:7.1f} s")
