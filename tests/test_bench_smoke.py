@@ -117,10 +117,10 @@ def test_the_cuda_tests_collect_without_ray(tmp_path):
 
 
 def test_toy_training_bench_times_both_precisions(tmp_path):
-    # bench/toy_training.py: a tiny batch and one timed step of each precision, seconds.
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "toy_training.py"), "--batch", "2", "--steps", "1",
+    # bench/toy_training.py: a tiny batch and one timed step of each variant, seconds.
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "toy_training.py"), "--batch", "4", "--steps", "1",
                            "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     lines = [line.split() for line in proc.stdout.splitlines() if "s/step" in line]
-    assert [line[0] for line in lines] == ["float32", "bfloat16"]
+    assert [line[0] for line in lines] == ["float32", "bf16-two-forwards", "bfloat16"]
     assert lines[0][3] == "x1.00" and all(float(line[1]) > 0 for line in lines)

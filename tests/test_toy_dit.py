@@ -33,7 +33,7 @@ def monkeypatch_module():
         yield patch
 
 
-def run(vae_path, steps, seed=0, log=None, precision="float32"):
+def run(vae_path, steps, seed=0, log=None, precision="float32", shape_weight=1.0):
     losses = []
 
     def record(line):
@@ -43,7 +43,7 @@ def run(vae_path, steps, seed=0, log=None, precision="float32"):
             log.append(line)
 
     out = toy.train_dit(vae_path, steps, seed=seed, dim=32, layers=1, heads=2, batch=4, lr=3e-3,
-                        clips_per_scene=1, log=record, log_every=10, precision=precision)
+                        clips_per_scene=1, log=record, log_every=10, precision=precision, shape_weight=shape_weight)
     return out, losses
 
 
@@ -133,6 +133,94 @@ def test_compact_text_attention_equals_attending_to_the_full_padding(explicit):
         compact.set_lengths(torch.tensor([9]), width)
 
 
+@pytest.mark.parametrize("explicit", [False, True], ids=["fused", "explicit-attention"])
+def test_a_shared_tail_context_equals_a_separate_forward_for_those_samples(explicit):
+    """CompactText.share_tail, the bfloat16 loop's one forward: samples that all read one long context
+    (the caption-dropped ones and the negative prompt) give, with the rest of the batch, the outputs
+    and gradients of a forward of their own on that context, as the float32 loop runs them."""
+    from engine.wan.dit import WanConfig, WanModel
+
+    torch.manual_seed(2)
+    cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=8)
+    model = WanModel(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    compact = toy.CompactText(toy.trainable(model, explicit=explicit), explicit=explicit)
+    lengths, width = torch.tensor([3, 5]), 6
+    own = torch.zeros(2, width, 8)
+    for i, n in enumerate(lengths):
+        own[i, :n] = torch.randn(int(n), 8)
+    shared_length = 30
+    shared = torch.zeros(1, shared_length + 1, 8)
+    shared[0, :shared_length] = torch.randn(shared_length, 8)
+    x, t = torch.randn(5, 16, 2, 4, 4), torch.tensor([100.0, 300.0, 500.0, 700.0, 900.0])
+
+    def separate():
+        compact.set_lengths(lengths, width)
+        head = model(x[:2], t[:2], own)
+        compact.set_lengths(torch.full((3,), shared_length), shared_length + 1)
+        return torch.cat([head, model(x[2:], t[2:], shared.expand(3, -1, -1))])
+
+    def together(share=True):
+        if share:
+            compact.set_lengths(lengths, width)
+            compact.share_tail(shared, shared_length, 3)
+        else:
+            compact.set_lengths(torch.cat([lengths, torch.full((3,), width - 1)]), width)
+        # the tail's own rows are placeholders (here: noise) that the shared context replaces
+        return model(x, t, torch.cat([own, torch.randn(3, width, 8)]))
+
+    want = separate()
+    want.square().mean().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = together()
+    got.square().mean().backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert model.text_embedding[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert (together(share=False) - want)[2:].abs().max() > 1e-2  # the tail reading its own rows: rejected
+        compact.set_lengths(torch.tensor([], dtype=torch.long), 1)  # every sample shares: no own rows at all
+        compact.share_tail(shared, shared_length, 5)
+        all_shared = model(x, t, torch.zeros(5, 1, 8))
+        compact.set_lengths(torch.full((5,), shared_length), shared_length + 1)
+        torch.testing.assert_close(all_shared, model(x, t, shared.expand(5, -1, -1)), rtol=1e-4, atol=1e-5)
+
+
+def test_latent_coverage_is_the_shapes_share_of_each_latent_cell():
+    """latent_coverage on a ground-truth clip: the cells of the causal VAE's grid (the first frame, then
+    4 frames a latent frame; 8x8 pixels), each the share of its pixels that show the shape."""
+    from engine.toy.train_vae import clip_tensor, shape_mask
+    from engine.toy.world import render_clip
+
+    scene = Scene("red", "square", "right", "black")
+    video = clip_tensor([render_clip(scene, 3)])
+    coverage = toy.latent_coverage(video)
+    assert coverage.shape == (1, 1, 5, 8, 8)
+    assert coverage.min() >= 0 and coverage.max() == 1  # a square covers whole cells
+    mask = shape_mask(video)[0, 0].float()
+    assert coverage[0, 0, 0].sum() * 64 == mask[0].sum()  # the first frame alone
+    torch.testing.assert_close(coverage[0, 0, 1].sum() * 64 * 4, mask[1:5].sum())  # frames 1-4
+    assert (coverage[0, 0, 0] > 0).sum() < 64 / 2  # the background's cells stay at 0
+    # the shape moves right: its cells' centre of mass moves to higher columns
+    columns = torch.arange(8.0)
+    centre = [(coverage[0, 0, f].sum(0) * columns).sum() / coverage[0, 0, f].sum() for f in (0, 4)]
+    assert centre[1] > centre[0] + 1
+
+
+def test_shape_weight_changes_the_training_and_a_weight_below_1_is_refused(vae_path, small_pool, trained):
+    (dit, _, _), _ = trained
+    (weighted, _, _), losses = run(vae_path, 20, shape_weight=5.0)
+    assert all(np.isfinite(losses))
+    (plain, _, _), _ = run(vae_path, 20)
+    assert not torch.equal(weighted["blocks.0.ffn.0.weight"], plain["blocks.0.ffn.0.weight"])
+    with pytest.raises(ValueError, match="shape_weight"):
+        run(vae_path, 1, shape_weight=0.5)
+
+
 def test_tokenizer_keeps_every_world_word_whole():
     from engine.wan.tokenizer import Tokenizer
 
@@ -201,13 +289,14 @@ def test_the_pool_cache_is_reused_only_for_the_same_vae_clips_and_seed(tmp_path,
     def encode(vae, clips_per_scene, seed):
         calls.append((clips_per_scene, seed))
         scenes = toy.training_scenes()[:3] * clips_per_scene
-        return torch.full((len(scenes), 16, 5, 8, 8), float(seed)), scenes
+        return torch.full((len(scenes), 16, 5, 8, 8), float(seed)), scenes, torch.rand(len(scenes), 1, 5, 8, 8)
 
     monkeypatch.setattr(toy, "_encode_pool", encode)
     cache = tmp_path / "pool.pt"
-    latents, scenes = toy.latent_pool(vae_path, 2, 7, cache=cache)
-    again, scenes_again = toy.latent_pool(vae_path, 2, 7, cache=cache)
+    latents, scenes, coverage = toy.latent_pool(vae_path, 2, 7, cache=cache)
+    again, scenes_again, coverage_again = toy.latent_pool(vae_path, 2, 7, cache=cache)
     assert calls == [(2, 7)] and torch.equal(again, latents) and scenes_again == scenes
+    assert torch.equal(coverage_again, coverage)
     toy.latent_pool(vae_path, 1, 7, cache=cache)  # other clips per scene: encoded again, cache rewritten
     toy.latent_pool(vae_path, 1, 8, cache=cache)  # other seed
     other_vae = tmp_path / "other.safetensors"
@@ -227,7 +316,7 @@ def test_text_probe_reads_the_trained_models_attributes_and_zero_for_a_model_dea
 
     scenes = training_scenes()[::23]
     monkeypatch.setattr(toy, "training_scenes", lambda: scenes)
-    latents, pool_scenes = toy._encode_pool(MODEL_DIR / VAE, 2, 0)
+    latents, pool_scenes, _ = toy._encode_pool(MODEL_DIR / VAE, 2, 0)
     proto = toy.train_world_tokenizer()
     t5 = toy.random_t5_state(proto, 4)  # the shipped umT5: `--seed 4` of the recipe's last stage drew it
     prompts = [scene.prompt for scene in all_scenes()]

@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.toy.embedded import MODEL_DIR, write_toy_model
+from engine.toy.train_vae import clip_tensor, shape_mask, weighted_mean_square
 from engine.toy.world import (COLOURS, DIRECTIONS, SHAPES, Scene, all_scenes, held_out_scenes, phrasings, render_clip,
                               training_scenes)
 
@@ -201,30 +202,43 @@ def padded_context(embeddings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, to
 
 
 def latent_pool(vae_path: str | Path, clips_per_scene: int, seed: int,
-                cache: str | Path | None = None) -> tuple[torch.Tensor, list]:
-    """Normalised VAE latents [N, 16, 5, 8, 8] of `clips_per_scene` random clips of every training scene.
+                cache: str | Path | None = None) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """Normalised VAE latents [N, 16, 5, 8, 8] of `clips_per_scene` random clips of every training
+    scene, their scenes, and each latent cell's shape coverage [N, 1, 5, 8, 8] (`latent_coverage`).
 
-    `cache`: a file that keeps the pool between runs (~3 minutes on 2 cores), reused only when it was
-    made from the same VAE bytes, clips per scene and seed, rewritten otherwise.
+    `cache`: a file that keeps the pool between runs (~6 minutes on 2 cores at 8 clips per scene),
+    reused only when it was made from the same VAE bytes, clips per scene and seed, rewritten otherwise.
     """
     import hashlib
 
     key = dict(vae=hashlib.sha256(Path(vae_path).read_bytes()).hexdigest(), clips_per_scene=clips_per_scene,
-               seed=seed)
+               seed=seed, coverage=True)
     if cache is not None and Path(cache).exists():
         saved = torch.load(str(cache), weights_only=True)
         if saved["key"] == json.dumps(key, sort_keys=True):
             scenes = training_scenes()
-            return saved["latents"], [scenes[i] for i in saved["scenes"].tolist()]
-    latents, scenes = _encode_pool(vae_path, clips_per_scene, seed)
+            return saved["latents"], [scenes[i] for i in saved["scenes"].tolist()], saved["coverage"]
+    latents, scenes, coverage = _encode_pool(vae_path, clips_per_scene, seed)
     if cache is not None:
         index = {scene: i for i, scene in enumerate(training_scenes())}
-        torch.save({"key": json.dumps(key, sort_keys=True), "latents": latents,
+        torch.save({"key": json.dumps(key, sort_keys=True), "latents": latents, "coverage": coverage,
                     "scenes": torch.tensor([index[scene] for scene in scenes])}, str(cache))
-    return latents, scenes
+    return latents, scenes, coverage
 
 
-def _encode_pool(vae_path: str | Path, clips_per_scene: int, seed: int) -> tuple[torch.Tensor, list]:
+def latent_coverage(video: torch.Tensor, temporal: int = 4, spatial: int = 8) -> torch.Tensor:
+    """[B, 1, 1 + (F - 1) / temporal, H / spatial, W / spatial]: the share of each latent cell's
+    pixels that show the shape (`train_vae.shape_mask`) in a ground-truth video batch [B, 3, F, H, W].
+
+    A latent cell codes a spatial x spatial patch of the first frame alone, or of `temporal`
+    frames after it (Wan's causal VAE). `train_dit --shape-weight` weighs the loss by it."""
+    mask = shape_mask(video).float()
+    first = F.avg_pool3d(mask[:, :, :1], (1, spatial, spatial))
+    rest = F.avg_pool3d(mask[:, :, 1:], (temporal, spatial, spatial))
+    return torch.cat([first, rest], dim=2)
+
+
+def _encode_pool(vae_path: str | Path, clips_per_scene: int, seed: int) -> tuple[torch.Tensor, list, torch.Tensor]:
     from engine.wan.vae import load_vae
 
     vae = load_vae(vae_path, encoder=True)
@@ -234,12 +248,13 @@ def _encode_pool(vae_path: str | Path, clips_per_scene: int, seed: int) -> tuple
         for scene in training_scenes():
             clips.append(render_clip(scene, rng))
             scenes.append(scene)
-    latents = []
+    latents, coverage = [], []
     with torch.no_grad():
         for i in range(0, len(clips), 16):  # 16 clips a call: fewer, larger convolutions
-            video = torch.from_numpy(np.stack(clips[i:i + 16])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+            video = clip_tensor(clips[i:i + 16])
             latents.extend(vae.encode(video))
-    return torch.stack(latents), scenes
+            coverage.append(latent_coverage(video, vae.config.temporal_factor, vae.config.spatial_factor))
+    return torch.stack(latents), scenes, torch.cat(coverage)
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -308,31 +323,69 @@ class CompactText:
         self.model = model
         self.explicit = explicit  # explicit_attention instead of the fused kernel (the bfloat16 recipe)
         self.bias: torch.Tensor | None = None
+        # `share_tail`: the batch's last `shared_count` samples attend to `shared` instead of their own rows
+        self.shared: torch.Tensor | None = None
+        self.shared_bias: torch.Tensor | None = None
+        self.shared_count = 0
+        self.shared_embedded: torch.Tensor | None = None
         model.embed_context = self.embed_context
         for block in model.blocks:
             block.cross_attn.attend = types.MethodType(self.attend, block.cross_attn)
 
     def embed_context(self, context: torch.Tensor, clip_features, dtype: torch.dtype) -> torch.Tensor:
+        if self.shared_count:
+            self.shared_embedded = self.model.text_embedding(self.shared.to(dtype))
         return self.model.text_embedding(context.to(dtype))
 
-    def attend(self, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.explicit:
-            return attn.o(explicit_attention(q, k, v, self.bias))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=self.bias)
-        return attn.o(y.transpose(1, 2).flatten(2))
+            return explicit_attention(q, k, v, bias)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias)
+        return y.transpose(1, 2).flatten(2)
 
-    def set_lengths(self, lengths: torch.Tensor, width: int) -> None:
-        """Each sample's prompt length L (its first L context rows are the prompt, the rest zeros)."""
+    def attend(self, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not self.shared_count:
+            return attn.o(self._attention(q, k, v, self.bias))
+        own = len(q) - self.shared_count
+        heads = (attn.num_heads, -1)
+        # The shared context's keys and values once, broadcast over the samples that attend to it.
+        k_shared = attn.norm_k(attn.k(self.shared_embedded)).unflatten(2, heads)
+        v_shared = attn.v(self.shared_embedded).unflatten(2, heads)
+        tail = q[own:]
+        parts = [self._attention(tail, k_shared.expand(len(tail), -1, -1, -1),
+                                 v_shared.expand(len(tail), -1, -1, -1), self.shared_bias)]
+        if own:
+            parts.insert(0, self._attention(q[:own], k[:own], v[:own], self.bias))
+        return attn.o(torch.cat(parts))
+
+    def _padding_bias(self, lengths: torch.Tensor, width: int) -> torch.Tensor:
         text_len = self.model.config.text_len
-        if int(lengths.max()) >= width:
+        if len(lengths) and int(lengths.max()) >= width:
             raise ValueError(f"a compact context of {width} rows needs prompts shorter than that")
         pad_rows = (width - lengths).to(torch.float64)
         weight = torch.log((text_len - lengths).to(torch.float64) / pad_rows).to(torch.float32)
         bias = torch.zeros(len(lengths), 1, 1, width)
         positions = torch.arange(width)
         bias[:, 0, 0] = torch.where(positions[None] >= lengths[:, None], weight[:, None], 0.0)
-        self.bias = bias.to(self.model.patch_embedding.weight.device)
+        return bias.to(self.model.patch_embedding.weight.device)
+
+    def set_lengths(self, lengths: torch.Tensor, width: int) -> None:
+        """Each sample's prompt length L (its first L context rows are the prompt, the rest zeros).
+        Ends any `share_tail`: every sample attends to its own rows."""
+        self.bias = self._padding_bias(lengths, width)
+        self.shared, self.shared_bias, self.shared_count, self.shared_embedded = None, None, 0, None
+
+    def share_tail(self, context: torch.Tensor, length: int, count: int) -> None:
+        """The batch's last `count` samples attend to `context` [1, width, text_dim] (a prompt of
+        `length` rows, zeros after) instead of their own context rows, which are then ignored; call
+        after `set_lengths`, whose lengths are the other samples'. The training loop's caption-dropped
+        samples all read the same negative prompt (~350 rows, where a world prompt has ~11): one forward
+        for the whole batch, with that prompt embedded and projected once, instead of a second forward."""
+        if not 0 < count:
+            raise ValueError(f"share_tail needs at least one sample, got {count}")
+        self.shared = context.to(self.model.patch_embedding.weight.device)
+        self.shared_bias = self._padding_bias(torch.tensor([length]), context.shape[1])
+        self.shared_count = count
 
 
 def sample_sigmas(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
@@ -398,7 +451,8 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
               log: Callable[[str], None] = print, log_every: int = 50, init: str | Path | None = None,
               device: str = "cpu", pool: str | Path | None = None, probe_every: int = 0,
               max_seconds: float | None = None, sigma_shift: float | None = None, canonical_only: bool = False,
-              precision: str = "float32", text_mixing: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bytes]:
+              precision: str = "float32", text_mixing: float = 1.0,
+              shape_weight: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], bytes]:
     """Train the toy DiT for `steps` AdamW steps; (DiT state dict, umT5 state dict, tokenizer proto).
 
     Seeded throughout: the same arguments on the same torch build and thread count give the same weights
@@ -414,7 +468,9 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
     loss stay float32; ~1.7x faster a step on this CPU, which has bfloat16 matrix units);
     "float32" runs as the committed model was trained (fused attention kernel). `text_mixing`: the
     frozen umT5's attention output scale (`random_t5_state`; 1, the plain draw, is the committed
-    model's).
+    model's). `shape_weight`: the loss counts each latent element 1 + (shape_weight - 1) x its cell's
+    shape coverage times (`latent_coverage`), as sum(w e^2) / sum(w); 1, the plain MSE, is the
+    committed model's.
     """
     from engine.wan.dit import WanConfig, WanModel
 
@@ -422,10 +478,12 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
         raise ValueError(f"steps and batch must be >= 1, got steps={steps}, batch={batch}")
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
+    if not shape_weight >= 1.0:
+        raise ValueError(f"shape_weight must be >= 1, got {shape_weight}")
     start = time.perf_counter()
     proto = train_world_tokenizer()
     t5_state = random_t5_state(proto, seed, text_mixing)
-    latents, scenes = latent_pool(vae_path, clips_per_scene, seed, cache=pool)
+    latents, scenes, coverage = latent_pool(vae_path, clips_per_scene, seed, cache=pool)
     width = 1 if canonical_only else len(phrasings(scenes[0]))
     texts = {scene: i * width for i, scene in enumerate(training_scenes())}
     prompts = [text for scene in training_scenes() for text in phrasings(scene)[:width]]
@@ -461,12 +519,12 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
         model.load_state_dict(load_file(str(init)))
     model.to(device)
     compact = CompactText(model, explicit=fast)
-    latents = latents.to(device)
+    latents, coverage = latents.to(device), coverage.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(seed)
     log(f"DiT: dim {dim}, {layers} blocks, {heads} heads, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters; batch {batch}, lr {lr}, shift {sigma_shift or shift}, caption dropout {CAPTION_DROPOUT}, "
-        f"{width} phrasing(s), device {device}, {precision}, text mixing {text_mixing}")
+        f"{width} phrasing(s), device {device}, {precision}, text mixing {text_mixing}, shape weight {shape_weight}")
 
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast)
     window, losses = [], []
@@ -485,19 +543,35 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
         s = sigma.view(-1, 1, 1, 1, 1)
         xt, target = (1 - s) * x0 + s * noise, noise - x0
         drop, text = drop.to(device), text.to(device)
-        # Captioned and caption-dropped samples in two forwards (the same sums: nothing mixes
-        # samples), each with its own compact text width: ~11 rows, and the negative prompt's ~350.
-        velocities, order = [], []
-        for part in (~drop, drop):
-            rows = part.nonzero().squeeze(1)
-            if len(rows):
-                rows_lengths = lengths[text[rows].cpu()]
-                rows_text = int(rows_lengths.max()) + 1
-                compact.set_lengths(rows_lengths, rows_text)
-                with autocast:
+        if fast:
+            # One forward: the captioned samples first, each with its own compact text (~11 rows), then
+            # the caption-dropped ones, which all attend to the negative prompt (~350 rows) embedded once.
+            keep_rows, drop_rows = (~drop).nonzero().squeeze(1), drop.nonzero().squeeze(1)
+            order = torch.cat([keep_rows, drop_rows])
+            own_lengths = lengths[text[keep_rows].cpu()]
+            own_width = int(own_lengths.max()) + 1 if len(keep_rows) else 1
+            compact.set_lengths(own_lengths, own_width)
+            if len(drop_rows):
+                compact.share_tail(context[uncond:uncond + 1], int(lengths[uncond]), len(drop_rows))
+            with autocast:
+                velocity = model(xt[order], 1000 * sigma[order], context[text[order], :own_width]).float()
+        else:
+            # float32, as the committed model was trained: captioned and caption-dropped samples in two
+            # forwards (the same sums: nothing mixes samples), each with its own compact text width.
+            velocities, orders = [], []
+            for part in (~drop, drop):
+                rows = part.nonzero().squeeze(1)
+                if len(rows):
+                    rows_lengths = lengths[text[rows].cpu()]
+                    rows_text = int(rows_lengths.max()) + 1
+                    compact.set_lengths(rows_lengths, rows_text)
                     velocities.append(model(xt[rows], 1000 * sigma[rows], context[text[rows], :rows_text]).float())
-                order.append(rows)
-        loss = F.mse_loss(torch.cat(velocities), target[torch.cat(order)])
+                    orders.append(rows)
+            velocity, order = torch.cat(velocities), torch.cat(orders)
+        if shape_weight == 1.0:
+            loss = F.mse_loss(velocity, target[order])
+        else:
+            loss = weighted_mean_square(velocity - target[order], 1.0 + (shape_weight - 1.0) * coverage[index.to(device)[order]])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -597,6 +671,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="training arithmetic: bfloat16 autocast (weights and optimizer float32) or float32")
     parser.add_argument("--text-mixing", type=float, default=1.0,
                         help="scale of the frozen umT5's attention outputs (1: the plain random draw; 0.1 keeps each word's state mostly its own)")
+    parser.add_argument("--shape-weight", type=float, default=1.0,
+                        help="weigh each latent cell's loss by 1 + (W - 1) x the share of it the shape covers (1: the plain MSE)")
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                         help="precision of the written DiT checkpoint (default float16, as shipped)")
     parser.add_argument("--out", default=str(MODEL_DIR), help="folder for the trained files (default: the package's, engine/toy/model)")
@@ -609,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                init=args.init, device=args.device, pool=args.pool, probe_every=args.probe_every,
                                max_seconds=args.max_seconds, sigma_shift=args.sigma_shift,
                                canonical_only=args.canonical_only, precision=args.precision,
-                               text_mixing=args.text_mixing)
+                               text_mixing=args.text_mixing, shape_weight=args.shape_weight)
     for role, path in write_checkpoint(args.out, dit, args.heads, t5, proto, args.vae,
                                        dtype=getattr(torch, args.dtype)).items():
         print(f"wrote {role:13s} {path}")

@@ -124,11 +124,15 @@ def pixel_error(restored: torch.Tensor, video: torch.Tensor, shape_weight: float
     shape drawn in a colour close to its background's (red on brown, 117 RGB apart) costs little
     next to the background's many slightly-off pixels; measured, a VAE so trained returned every
     red shape on brown as plain brown (docs/quality.md). Weight 1 is the plain MSE, bit for bit."""
-    error = (restored - video).square()
     if shape_weight == 1.0:
-        return error.mean()
-    weight = 1.0 + (shape_weight - 1.0) * shape_mask(video).float()
-    return (weight * error).mean() / weight.mean()
+        return (restored - video).square().mean()
+    return weighted_mean_square(restored - video, 1.0 + (shape_weight - 1.0) * shape_mask(video).float())
+
+
+def weighted_mean_square(error: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(w e^2) / sum(w) over every element, `weight` broadcast against `error` (over channels):
+    a weighted MSE on the plain MSE's scale (a uniform weight gives the MSE)."""
+    return (weight * error.square()).mean() / weight.mean()
 
 
 def training_loss(model: WanVAE, video: torch.Tensor, generator: torch.Generator,
