@@ -318,7 +318,7 @@ def test_text_probe_reads_the_trained_models_attributes_and_zero_for_a_model_dea
     monkeypatch.setattr(toy, "training_scenes", lambda: scenes)
     latents, pool_scenes, _ = toy._encode_pool(MODEL_DIR / VAE, 2, 0)
     proto = toy.train_world_tokenizer()
-    t5 = toy.random_t5_state(proto, 4)  # the shipped umT5: `--seed 4` of the recipe's last stage drew it
+    t5 = toy.random_t5_state(proto, 0, text_mixing=0.1)  # the shipped umT5: the recipe's seed 0, --text-mixing 0.1
     prompts = [scene.prompt for scene in all_scenes()]
     embedded = dict(zip(prompts, toy.text_embeddings(proto, t5, prompts)))
     probe = toy.TextProbe(latents, pool_scenes, lambda scene: embedded[scene.prompt])
@@ -327,7 +327,7 @@ def test_text_probe_reads_the_trained_models_attributes_and_zero_for_a_model_dea
     model.load_state_dict(load_file(str(MODEL_DIR / CHECKPOINT)))
     compact = toy.CompactText(model)
     gaps = probe.gaps(model, compact)
-    # measured on these 24 clips: colour +1.13, shape +0.48, direction +1.78
+    # measured on these 24 clips: colour +1.80, shape +0.29, direction +0.94
     assert gaps["colour"] > 0.4 and gaps["direction"] > 0.4 and gaps["shape"] > 0.1, gaps
     with torch.no_grad():
         for block in model.blocks:

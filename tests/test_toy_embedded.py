@@ -26,9 +26,9 @@ from pipeline.driver import run
 # sha256 of the committed trained files (engine/toy/model). Retraining (`make toy-model`) changes them:
 # update these together with the files, docs/quality.md and the figures in the README.
 PINNED = {
-    "wan2.1-t2v-toy.safetensors": "fc63cdc7d9a69ed453db69e6633605ae8eeef20a0ae5b9f282ed5b742b0710b0",
-    "umt5-toy-encoder-F32.gguf": "d14f66bf75a58289ecf079a76816e99a4956b2c4ddaf6347d485bd949ed36db2",
-    "wan_2.1_vae_toy.safetensors": "b2438fd809a9296119970fa8bb56e5a5fa192a61f5ee99ba65fb5ad11fb63d19",
+    "wan2.1-t2v-toy.safetensors": "5bc8f22f1e29a607b0de075afc3822ced8d30ef867f1a5e7a2f41a74a5681f8e",
+    "umt5-toy-encoder-F32.gguf": "82f3fc7d31328821e666104b9e17538b308940c2bc14f1f98f2d7cbbb4034b63",
+    "wan_2.1_vae_toy.safetensors": "4125ead454ad848f51a916a500f2b0e077b92a789646e8af9c64d77e3387dfaa",
 }
 
 # Two seen and two held-out combinations; every pair differs in colour, direction and background.

@@ -23,31 +23,27 @@ names no negative prompt (an empty negative prompt falls back to it too), so
 classifier-free guidance at render time extrapolates away from exactly the
 embedding the model learnt as "no caption".
 
-The recipe (`make toy-model`) is four runs, each going on from the last (`--init`), batch 64 on the
-canonical phrasing alone:
-1. 3000 steps on 3 clips per training scene (~65 minutes on 2 cores). Measured on a GPU with
-   TextProbe and by rendering (docs/quality.md): at batch 16 the model learns colour and background
-   long before it reads the direction word (none after 4400 steps); at batch 64 it reads it within
-   ~3000 steps, and the canonical phrasing alone (the one rendered) about twice as fast by the probe
-   as all five phrasings.
-2. 2598 steps at lr 5e-4 on 8 clips per scene (~60 minutes with the pool): each clip repeated
-   less, the held-out combinations' directions go from 75% to 95% of 20.
-3. 1739 steps at lr 2e-4 with σ drawn uniformly (`--sigma-shift 1`, ~40 minutes): more of the
-   low-noise steps, where the shapes' detail is drawn.
-4. 2996 steps at lr 3e-4, shift 3 again, on a fresh draw of 8 clips per scene (`--seed 4`: other
-   sizes and paths of every scene; ~65-75 minutes with the pool). The seed also draws the frozen
-   umT5, so this stage re-learns the text conditioning against a new one, which ships with it
-   (loss 0.36 at the start, 0.121 at the end; held-out all four 62.5% -> 100%, docs/quality.md).
+The recipe (`make toy-model`, after the VAE) is one run of ~43 minutes on 2 cores (docs/quality.md,
+session 13): the latents of 8 clips per training scene, then 2800 steps at batch 64 on the canonical
+phrasing alone, seed 0, with
+- `--precision bfloat16`: the forward and backward under bfloat16 autocast with `explicit_attention`
+  and the caption-dropped samples in the same forward (`CompactText.share_tail`); weights, AdamW and
+  the loss stay float32. ~1.5x faster a step than float32 on a CPU with bfloat16 matrix units
+  (bench/toy_training.py).
+- `--text-mixing 0.1`: the frozen umT5's attention outputs drawn at a tenth of the scale, so each
+  word's hidden state stays mostly its own (`word_spread`) and held-out combinations read like
+  trained ones.
+- `--shape-weight 4`: each latent cell's loss counted up to 4x by the share of it the shape covers
+  (`latent_coverage`); the shape is what held-out prompts missed most.
+Measured with TextProbe and by rendering (docs/quality.md, sessions 6-13): batch 64 is what teaches
+the direction (at batch 16 the model reads colour and background long before the direction word),
+and the canonical phrasing alone (the one rendered) learns about twice as fast as all five.
 
-    python -m engine.toy.train_dit --vae /tmp/toy/wan_2.1_vae_toy.safetensors --steps 3000 --batch 64 --canonical-only
+    python -m engine.toy.train_dit --vae /tmp/toy/wan_2.1_vae_toy.safetensors --steps 2800 --batch 64
+        --canonical-only --precision bfloat16 --text-mixing 0.1 --shape-weight 4 --clips-per-scene 8
 
-`--precision bfloat16` (bfloat16 autocast, explicit attention) trains ~1.7x faster a step on a CPU
-with bfloat16 matrix units (bench/toy_training.py); the committed model was trained in float32,
-which is what the recipe runs. One bfloat16 run of ~1 h (2600 steps) met the seen targets but read
-held-out prompts 40% right (docs/quality.md, session 10). `--text-mixing 0.1` draws the frozen
-umT5's attention outputs at a tenth of the scale, so each word's hidden state stays mostly its
-own (`word_spread`): the same 2600 bfloat16 steps then read held-out prompts 82.5% right
-(docs/quality.md, session 11).
+The flags' defaults (float32 with the fused attention kernel, text mixing 1, shape weight 1) are the
+earlier four-stage recipe's (~4.8 h, in the git history of the Makefile), which they still reproduce.
 
 The tokenizer SentencePiece trains here differs between sentencepiece versions (0.2.2 and 0.2.3
 give different pieces, hence a different random umT5 and different text embeddings): the recipe
@@ -275,7 +271,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def trainable(model: torch.nn.Module, explicit: bool = False) -> torch.nn.Module:
     """Give each Wan block an out-of-place forward so autograd can run through it, and, with
     `explicit`, its self-attention `explicit_attention` (the bfloat16 recipe's; float32 keeps the
-    fused kernel the committed model was trained with, so its recipe still reproduces it).
+    fused kernel the earlier four-stage recipe trained with, so that recipe still reproduces).
 
     `WanAttentionBlock.forward` updates the residual stream in place (inference
     keeps one copy of it); training needs the values its norms saved. The
@@ -465,12 +461,13 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
     `sigma_shift`: the shift of the training σ draw (default: `shift`, the render shift).
     `canonical_only`: train on the canonical phrasing alone. `precision`: "bfloat16" runs the
     forward and backward under bfloat16 autocast with `explicit_attention` (weights, optimizer and
-    loss stay float32; ~1.7x faster a step on this CPU, which has bfloat16 matrix units);
-    "float32" runs as the committed model was trained (fused attention kernel). `text_mixing`: the
-    frozen umT5's attention output scale (`random_t5_state`; 1, the plain draw, is the committed
-    model's). `shape_weight`: the loss counts each latent element 1 + (shape_weight - 1) x its cell's
-    shape coverage times (`latent_coverage`), as sum(w e^2) / sum(w); 1, the plain MSE, is the
-    committed model's.
+    loss stay float32; ~1.5x faster a step on this CPU, which has bfloat16 matrix units; the
+    caption-dropped samples in the same forward, `CompactText.share_tail`), the committed model's;
+    "float32" runs as the earlier four-stage recipe trained (fused attention kernel, two forwards).
+    `text_mixing`: the frozen umT5's attention output scale (`random_t5_state`; 1 is the plain
+    draw, 0.1 the committed model's). `shape_weight`: the loss counts each latent element
+    1 + (shape_weight - 1) x its cell's shape coverage times (`latent_coverage`), as
+    sum(w e^2) / sum(w); 1 is the plain MSE, 4 the committed model's.
     """
     from engine.wan.dit import WanConfig, WanModel
 
@@ -556,7 +553,7 @@ def train_dit(vae_path: str | Path, steps: int, seed: int = 0, dim: int = TOY_DI
             with autocast:
                 velocity = model(xt[order], 1000 * sigma[order], context[text[order], :own_width]).float()
         else:
-            # float32, as the committed model was trained: captioned and caption-dropped samples in two
+            # float32, as the earlier four-stage recipe trained: captioned and caption-dropped samples in two
             # forwards (the same sums: nothing mixes samples), each with its own compact text width.
             velocities, orders = [], []
             for part in (~drop, drop):

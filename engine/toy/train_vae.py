@@ -260,7 +260,7 @@ def use_summed_norms(model: torch.nn.Module) -> None:
     forward and backward ~5x faster (a video step 0.84 -> 0.68 s, docs/quality.md, session 10).
     Float32 training only (a float16 sum of squares can overflow), and not for the engine, which
     keeps the reference's formula. The rounding differs, so a run with it is not bit-identical to
-    one without (the committed VAE was trained without)."""
+    one without (the committed VAE was trained with it; the earlier recipe's without)."""
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.forward = types.MethodType(_summed_norm, module)
@@ -435,11 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="wan_2.1_vae_toy.safetensors")
     parser.add_argument("--summed-norms", action="store_true", help="RMS norms as x * rsqrt(sum x^2): "
-                        "~5x faster norms, other rounding than the committed VAE's run")
+                        "~5x faster norms, other rounding (the committed VAE's recipe; the earlier one ran without)")
     parser.add_argument("--shape-weight", type=float, default=1.0, help="count the shape's pixels this many "
-                        "times in the loss (1: the plain MSE, the committed VAE's)")
+                        "times in the loss (1: the plain MSE; the committed VAE: 5)")
     parser.add_argument("--video-warmup", type=int, default=0, help="warm the learning rate up again over "
-                        "this many steps at the switch from single frames to clips (0: none, the committed VAE's)")
+                        "this many steps at the switch from single frames to clips (0: none; the committed VAE: 50)")
     parser.add_argument("--finetune-decoder", metavar="VAE", help="instead: go on training only the decoder of "
                         "this written toy VAE (its latents stay the same)")
     args = parser.parse_args(argv)
