@@ -43,10 +43,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/toy_training.py
 
 # Retrain the embedded toy-world model (engine/toy/model): seeded, CPU-only, one run of about 55 minutes on
-# 2 cores (VAE ~13 min, DiT ~43 min; the thread counts are the ones the committed files were trained with).
+# 2 cores (VAE ~13 min, DiT ~43-45 min; the thread counts are the ones the committed files were trained with).
 # Nobody needs to: the trained files are committed and pinned by tests/test_toy_embedded.py. Every step is
-# seeded, but bfloat16 rounding depends on the CPU's kernels: expect the same files only from the same torch
-# build on the same kind of CPU (this one has AMX bfloat16 units; the run was not repeated to check).
+# seeded: run again on this machine it rewrote the committed files bit for bit (58.5 min). bfloat16 rounding
+# depends on the CPU's kernels, so expect the same files only from the same torch build on the same kind of
+# CPU (this one has AMX bfloat16 units).
 # docs/quality.md (session 13) has what each choice bought; the earlier four-stage float32 recipe (~4.8 h)
 # is in the git history of this file.
 toy-model: $(STAMP)
