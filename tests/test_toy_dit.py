@@ -168,7 +168,7 @@ def test_a_shared_tail_context_equals_a_separate_forward_for_those_samples(expli
             compact.share_tail(shared, shared_length, 3)
         else:
             compact.set_lengths(torch.cat([lengths, torch.full((3,), width - 1)]), width)
-        # the tail's own rows are placeholders (here: noise) that the shared context replaces
+        # the tail's own context rows are ignored once share_tail is set: here they are noise
         return model(x, t, torch.cat([own, torch.randn(3, width, 8)]))
 
     want = separate()
